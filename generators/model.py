@@ -1,0 +1,182 @@
+"""The program model: what Hypothesis draws and shrinks, what the renderer turns into C.
+
+Plain frozen dataclasses with no behaviour beyond lookup and JSON round-tripping; the drawing lives in
+`strategies.py`, the C text in `render.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Union
+
+from generators.ctype import Array, CType, Enum, Field, Leaf, LeafSlot, Path, Record, Scalar, resolve
+
+PERCPU_SECTIONS = (".percpu",)  # plus ".percpu.<name>"
+WRITABLE_SECTIONS = (".data", ".bss")
+
+
+def is_percpu_section(section: str) -> bool:
+    """The model's own notion (what the program means), not any loader's classification."""
+    return section == ".percpu" or section.startswith(".percpu.")
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    type: CType
+    section: str  # ".percpu", ".percpu.<x>", ".data", ".data.<x>", ".bss", ".rodata"
+    static: bool = False
+    # Leaf values in memory order; None means no initialiser, () an explicit `= {}`/`= 0`,
+    # a shorter tuple a partial initialiser (the rest zero).
+    init: tuple[int, ...] | None = None
+
+    @property
+    def read_only(self) -> bool:
+        return self.section == ".rodata" or self.section.startswith(".rodata.")
+
+    @property
+    def percpu(self) -> bool:
+        return is_percpu_section(self.section)
+
+
+@dataclass(frozen=True)
+class Access:
+    """A scalar inside a variable: `var.path...`."""
+
+    var: str
+    path: Path = ()
+
+
+@dataclass(frozen=True)
+class Store:
+    dst: Access
+    value: int
+
+
+@dataclass(frozen=True)
+class Add:
+    """Read-modify-write: `dst += value` with wrap-around at dst's width."""
+
+    dst: Access
+    value: int
+
+
+@dataclass(frozen=True)
+class Copy:
+    dst: Access
+    src: Access
+
+
+@dataclass(frozen=True)
+class StoreCpu:
+    """`dst = bpf_get_smp_processor_id()`."""
+
+    dst: Access
+
+
+@dataclass(frozen=True)
+class Branch:
+    """`if (cond > threshold) { then } else { orelse }`."""
+
+    cond: Access
+    threshold: int
+    then: tuple[Op, ...]
+    orelse: tuple[Op, ...] = ()
+
+
+@dataclass(frozen=True)
+class Call:
+    """Call a static noinline subprogram of the same object."""
+
+    function: str
+
+
+Op = Union[Store, Add, Copy, StoreCpu, Branch, Call]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    ops: tuple[Op, ...]
+    subprogram: bool = False  # False: a SEC("raw_tp") program; True: a static noinline subprogram
+
+
+@dataclass(frozen=True)
+class Run:
+    program: str
+    cpu: int
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ProgramModel:
+    name: str  # object name: the file is <name>.bpf.o
+    variables: tuple[Variable, ...]
+    functions: tuple[Function, ...]
+    schedule: tuple[Run, ...] = ()
+
+    def variable(self, name: str) -> Variable:
+        for v in self.variables:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def function(self, name: str) -> Function:
+        for f in self.functions:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def programs(self) -> tuple[Function, ...]:
+        return tuple(f for f in self.functions if not f.subprogram)
+
+    def slot(self, access: Access) -> LeafSlot:
+        return resolve(self.variable(access.var).type, access.path)
+
+    def leaf(self, access: Access) -> Leaf:
+        return self.slot(access).type
+
+    def sections(self) -> list[str]:
+        seen: list[str] = []
+        for v in self.variables:
+            if v.section not in seen:
+                seen.append(v.section)
+        return seen
+
+
+# JSON: every dataclass becomes {"@type": ClassName, ...fields}; tuples become lists and come back as tuples.
+_CLASSES = {c.__name__: c for c in (Scalar, Enum, Array, Field, Record, Variable, Access, Store, Add, Copy,
+                                    StoreCpu, Branch, Call, Function, Run, ProgramModel)}
+
+
+def to_jsonable(obj: Any) -> Any:  # noqa: ANN401 - a JSON value
+    if is_dataclass(obj):
+        out: dict[str, Any] = {"@type": type(obj).__name__}
+        for f in fields(obj):
+            out[f.name] = to_jsonable(getattr(obj, f.name))
+        return out
+    if isinstance(obj, tuple | list):
+        return [to_jsonable(x) for x in obj]
+    return obj
+
+
+def from_jsonable(data: Any) -> Any:  # noqa: ANN401 - a JSON value
+    if isinstance(data, dict):
+        cls = _CLASSES[data["@type"]]
+        return cls(**{k: from_jsonable(v) for k, v in data.items() if k != "@type"})
+    if isinstance(data, list):
+        return tuple(from_jsonable(x) for x in data)
+    return data
+
+
+def dumps(model: ProgramModel) -> str:
+    return json.dumps(to_jsonable(model), indent=1)
+
+
+def loads(text: str) -> ProgramModel:
+    model = from_jsonable(json.loads(text))
+    if not isinstance(model, ProgramModel):
+        raise ValueError("not a ProgramModel document")
+    return model

@@ -1,0 +1,193 @@
+"""Read a BPF object file into plain facts: sections, symbols, relocations, functions, raw BTF.
+
+pyelftools does the ELF parsing; this module only selects what loaders and the oracle need. A corrupt or
+non-BPF file raises `ObjectError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.constants import SH_FLAGS
+from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
+
+from toolchain.insn import Insn, decode
+
+EM_BPF = 247
+R_BPF_64_64 = 1  # ld_imm64 against a symbol: map or global variable reference
+R_BPF_64_32 = 10  # call against a function symbol
+
+
+class ObjectError(ValueError):
+    """The file is not a readable BPF object."""
+
+
+@dataclass(frozen=True)
+class Section:
+    index: int
+    name: str
+    type: str  # "SHT_PROGBITS", "SHT_NOBITS", ...
+    flags: int
+    size: int
+    data: bytes  # zeros for SHT_NOBITS, as a loader sees them
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.flags & SH_FLAGS.SHF_EXECINSTR)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & SH_FLAGS.SHF_WRITE)
+
+    @property
+    def alloc(self) -> bool:
+        return bool(self.flags & SH_FLAGS.SHF_ALLOC)
+
+
+@dataclass(frozen=True)
+class Symbol:
+    index: int
+    name: str
+    section_index: int  # 0 when undefined; >= 0xff00 for special indices
+    value: int
+    size: int
+    bind: str  # "STB_GLOBAL", "STB_LOCAL", "STB_WEAK"
+    type: str  # "STT_OBJECT", "STT_FUNC", "STT_SECTION", "STT_NOTYPE"
+    visibility: str
+
+
+@dataclass(frozen=True)
+class Reloc:
+    offset: int  # byte offset inside the target section
+    symbol: Symbol
+    type: int
+
+    @property
+    def insn_index(self) -> int:
+        return self.offset // 8
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    section: str
+    start: int  # instruction index inside the section
+    insns: tuple[Insn, ...]
+    bind: str
+
+    @property
+    def is_program(self) -> bool:
+        # libbpf: functions in .text are subprograms, functions anywhere else are entry programs
+        return self.section != ".text"
+
+
+@dataclass
+class ObjectFacts:
+    path: Path
+    sha256: str
+    sections: list[Section]
+    symbols: list[Symbol]
+    relocs: dict[str, list[Reloc]] = field(default_factory=dict)  # keyed by the section they patch
+    btf_data: bytes | None = None
+
+    def section(self, name: str) -> Section | None:
+        return next((s for s in self.sections if s.name == name), None)
+
+    def section_by_index(self, index: int) -> Section | None:
+        return next((s for s in self.sections if s.index == index), None)
+
+    @cached_property
+    def functions(self) -> list[Function]:
+        out = []
+        for sym in self.symbols:
+            sec = self.section_by_index(sym.section_index)
+            if sym.type != "STT_FUNC" or sec is None or not sec.executable:
+                continue
+            start = sym.value // 8
+            insns = decode(sec.data[sym.value:sym.value + sym.size])
+            out.append(Function(sym.name, sec.name, start, tuple(insns), sym.bind))
+        return out
+
+    def function(self, name: str) -> Function:
+        for f in self.functions:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def variable_symbol(self, section: str, name: str) -> Symbol | None:
+        sec = self.section(section)
+        if sec is None:
+            return None
+        return next((s for s in self.symbols if s.name == name and s.section_index == sec.index
+                     and s.type in ("STT_OBJECT", "STT_NOTYPE")), None)
+
+    def variables_in(self, section: str) -> list[Symbol]:
+        sec = self.section(section)
+        if sec is None:
+            return []
+        return [s for s in self.symbols if s.section_index == sec.index and s.type == "STT_OBJECT"]
+
+    def data_sections(self) -> list[Section]:
+        """Allocated, non-executable sections with contents: candidates for global-data maps."""
+        return [s for s in self.sections if s.alloc and not s.executable and s.type in ("SHT_PROGBITS",
+                                                                                        "SHT_NOBITS")]
+
+
+def read_object(path: str | Path) -> ObjectFacts:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ObjectError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return _parse(path, raw)
+    except (ELFError, ValueError, KeyError, IndexError, AttributeError) as e:
+        if isinstance(e, ObjectError):
+            raise
+        raise ObjectError(f"{path}: corrupt object: {type(e).__name__}: {e}".strip()) from None
+
+
+def _parse(path: Path, raw: bytes) -> ObjectFacts:
+    import io
+
+    elf = ELFFile(io.BytesIO(raw))
+    if elf["e_machine"] not in ("EM_BPF", EM_BPF):
+        raise ObjectError(f"{path}: not a BPF object (machine {elf['e_machine']})")
+    sections: list[Section] = []
+    by_index = {}
+    for i, sec in enumerate(elf.iter_sections()):
+        if i == 0:
+            continue
+        data = bytes(sec["sh_size"]) if sec["sh_type"] == "SHT_NOBITS" else sec.data()
+        s = Section(i, sec.name, sec["sh_type"], sec["sh_flags"], sec["sh_size"], data)
+        sections.append(s)
+        by_index[i] = s
+    symtab = elf.get_section_by_name(".symtab")
+    if symtab is None:
+        raise ObjectError(f"{path}: no symbol table")
+    symbols = []
+    for i, sym in enumerate(symtab.iter_symbols()):
+        shndx = sym["st_shndx"]
+        shndx = shndx if isinstance(shndx, int) else 0
+        name = sym.name
+        if sym["st_info"]["type"] == "STT_SECTION" and shndx in by_index:
+            name = by_index[shndx].name
+        symbols.append(Symbol(i, name, shndx, sym["st_value"], sym["st_size"], sym["st_info"]["bind"],
+                              sym["st_info"]["type"], sym["st_other"]["visibility"]))
+    relocs: dict[str, list[Reloc]] = {}
+    for sec in elf.iter_sections():
+        if not isinstance(sec, RelocationSection) or sec.name.startswith(".rel.BTF"):
+            continue
+        target = by_index.get(sec["sh_info"])
+        if target is None:
+            continue
+        relocs[target.name] = [Reloc(r["r_offset"], symbols[r["r_info_sym"]], r["r_info_type"])
+                               for r in sec.iter_relocations()]
+    btf = elf.get_section_by_name(".BTF")
+    return ObjectFacts(path, hashlib.sha256(raw).hexdigest(), sections, symbols, relocs,
+                       btf.data() if btf is not None else None)
