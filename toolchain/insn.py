@@ -44,8 +44,9 @@ BPF_PSEUDO_MAP_IDX_VALUE = 6
 # src_reg of a call.
 BPF_PSEUDO_CALL = 1
 BPF_PSEUDO_KFUNC_CALL = 2
-# off of an ALU64 MOV X: the verifier's per-CPU address conversion (kernel-internal, BPF_MOV64_PERCPU_REG).
-BPF_ADDR_PERCPU = 1
+# off of an ALU64 MOV X: the verifier's per-CPU address conversion (kernel-internal, BPF_MOV64_PERCPU_REG);
+# off 1 on the same opcode is the arena address-space cast, a different instruction.
+BPF_ADDR_PERCPU = -1
 
 LD_IMM64 = BPF_LD | BPF_DW | BPF_IMM
 

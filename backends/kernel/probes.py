@@ -1,0 +1,209 @@
+"""Facts about the running kernel and machine, found out by asking it, never assumed from a version number.
+
+Every probe that loads something closes what it created. A probe that cannot run (no usable bpf()) is
+reported as None by `probe_all`, never guessed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from backends.kernel import bpf
+from toolchain import insn as I
+
+_CPU_SYSFS = "/sys/devices/system/cpu"
+_JIT_SYSCTL = "/proc/sys/net/core/bpf_jit_enable"
+
+BPF_FUNC_map_lookup_elem = 1
+BPF_FUNC_get_smp_processor_id = 8
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+)/(\d+))?)?$")
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """Parse the kernel's cpulist format ("0-3", "0,2-3", "0-7:2/4"; "" -> []) into sorted CPU ids."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = _RANGE.match(part)
+        if m is None:
+            raise ValueError(f"bad cpulist element {part!r} in {text!r}")
+        lo = int(m[1])
+        hi = int(m[2]) if m[2] is not None else lo
+        if hi < lo:
+            raise ValueError(f"descending cpulist range {part!r}")
+        if m[3] is None:
+            cpus.update(range(lo, hi + 1))
+            continue
+        # "a-b:used/group": in each group of `group` CPUs starting at a, the first `used` ones.
+        used, group = int(m[3]), int(m[4])
+        if group == 0 or used > group:
+            raise ValueError(f"bad cpulist stride {part!r}")
+        cpus.update(c for c in range(lo, hi + 1) if (c - lo) % group < used)
+    return sorted(cpus)
+
+
+def format_cpulist(cpus: Iterable[int]) -> str:
+    """The inverse of parse_cpulist, in the kernel's compact form: [0, 1, 2, 5] -> "0-2,5"."""
+    ordered = sorted(set(cpus))
+    if ordered and ordered[0] < 0:
+        raise ValueError(f"negative CPU id {ordered[0]}")
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _read_cpulist(name: str) -> list[int]:
+    with open(os.path.join(_CPU_SYSFS, name)) as f:
+        return parse_cpulist(f.read())
+
+
+def possible_cpus() -> list[int]:
+    """CPU ids the kernel may ever bring up: per-CPU map values have one slot for each of these."""
+    return _read_cpulist("possible")
+
+
+def online_cpus() -> list[int]:
+    return _read_cpulist("online")
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def jit_enabled() -> bool | None:
+    """The bpf_jit_enable sysctl (0 off, 1 on, 2 on with debug output); None when it cannot be read."""
+    try:
+        with open(_JIT_SYSCTL) as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    try:
+        return int(value) != 0
+    except ValueError:
+        return None
+
+
+def _trivial_prog() -> bytes:
+    return I.encode([I.mov64_imm(0, 0), I.exit_insn()])
+
+
+def bpf_usable() -> tuple[bool, str]:
+    """Whether this process can create maps and load programs; on False, a one-line reason."""
+    machine = os.uname().machine
+    if machine != "x86_64":
+        return False, f"bpf() syscall number is only known for x86_64, not {machine}"
+    euid = os.geteuid()
+    if euid != 0:
+        return False, f"not root (euid {euid})"
+    try:
+        with bpf.map_create(bpf.ARRAY, 4, 4, 1):
+            pass
+        fd, _ = bpf.prog_load(bpf.SOCKET_FILTER, _trivial_prog(), log_level=0)
+        fd.close()
+    except bpf.BpfError as e:
+        if e.errno == errno.ENOSYS:
+            return False, "bpf() not implemented (ENOSYS)"
+        if e.errno == errno.EPERM:
+            return False, f"bpf() refused: EPERM on {e.op} (missing CAP_BPF/CAP_SYS_ADMIN, or seccomp/LSM)"
+        return False, f"bpf() failed: {e}"
+    return True, ""
+
+
+def probe_percpu_data() -> bool:
+    """libbpf's FEAT_PERCPU_DATA check: can a program take a direct pointer (ld_imm64 BPF_PSEUDO_MAP_VALUE)
+    into a PERCPU_ARRAY value? Kernels without global per-CPU data refuse with EINVAL "no direct value access
+    support for this map type"; other failures are not a verdict and propagate."""
+    with bpf.map_create(bpf.PERCPU_ARRAY, 4, 8, 1, name="libbpf_percpu") as m:
+        prog = I.encode([*I.ld_map_value(1, m.fileno(), 0), I.ldx_mem(I.BPF_DW, 0, 1, 0), I.exit_insn()])
+        try:
+            fd, _ = bpf.prog_load(bpf.SOCKET_FILTER, prog)
+        except bpf.BpfError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        fd.close()
+        return True
+
+
+def probe_bpf_f_cpu() -> bool:
+    """Does a PERCPU_ARRAY lookup accept BPF_F_CPU (CPU 0 in the flags' upper half, one value-sized slot)?
+    Kernels that do not know the flag reject it with EINVAL."""
+    with bpf.map_create(bpf.PERCPU_ARRAY, 4, 8, 1) as m:
+        try:
+            bpf.map_lookup_elem(m, struct.pack("<I", 0), 8, bpf.BPF_F_CPU | (0 << 32))
+        except bpf.BpfError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+
+def probe_percpu_insn_jit() -> bool | None:
+    """Does the JIT support the verifier's internal per-CPU instructions?
+
+    When it does, the verifier inlines bpf_get_smp_processor_id() instead of calling the helper. On x86_64
+    the xlated dump of `call 8; exit` then reads (observed on 6.18):
+        r0 = <per-CPU offset of cpu_number>   (MOV64 imm)
+        r0 = per-CPU address of r0            (MOV64 reg with off == BPF_ADDR_PERCPU)
+        r0 = *(u32 *)(r0 + 0)
+        exit
+    i.e. no helper call remains and the program grew from 2 to 4 instructions. Without JIT support (or with
+    the interpreter) the helper call stays. True: inlined; False: the call remains in a JITed program;
+    None: cannot tell (JIT off, the program was not JITed, or a dump that matches neither shape).
+    """
+    if jit_enabled() is False:
+        return None
+    fd, _ = bpf.prog_load(bpf.SOCKET_FILTER, I.encode([I.call_helper(BPF_FUNC_get_smp_processor_id),
+                                                       I.exit_insn()]), log_level=0)
+    with fd:
+        if not bpf.prog_info(fd).jited:
+            return None
+        xlated = I.decode(bpf.prog_xlated(fd))
+    if any(i.is_helper_call for i in xlated):
+        return False
+    if any(i.is_percpu_mov for i in xlated):
+        return True
+    return None
+
+
+def _try(probe: Callable[[], bool | None]) -> bool | None:
+    try:
+        return probe()
+    except OSError:
+        return None
+
+
+def probe_all() -> dict[str, Any]:
+    """Everything above in one JSON-friendly dict; features that could not be probed are None."""
+    usable, reason = bpf_usable()
+    features: dict[str, bool | None] = {"percpu_data": None, "bpf_f_cpu": None, "percpu_insn_jit": None}
+    if usable:
+        features = {
+            "percpu_data": _try(probe_percpu_data),
+            "bpf_f_cpu": _try(probe_bpf_f_cpu),
+            "percpu_insn_jit": _try(probe_percpu_insn_jit),
+        }
+    return {
+        "kernel_release": kernel_release(),
+        "possible_cpus": len(possible_cpus()),
+        "online_cpus": online_cpus(),
+        "jit_enabled": jit_enabled(),
+        "bpf_usable": usable,
+        "bpf_unusable_reason": reason,
+        "features": features,
+    }

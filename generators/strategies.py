@@ -1,0 +1,211 @@
+"""Hypothesis strategies for program models.
+
+Small composable pieces: types, initialisers, accesses, operations, functions, schedules. Every choice lists its
+simplest option first so shrinking goes toward fewer variables, smaller types and zero values; the rare
+large arrays exist to reach the per-CPU allocator limit (32 KiB) and stay rare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import strategies as st
+
+from generators.ctype import Array, CType, Enum, Field, Leaf, Path, Record, Scalar
+from generators.model import (
+    Access,
+    Add,
+    Branch,
+    Call,
+    Copy,
+    Function,
+    Op,
+    ProgramModel,
+    Run,
+    Store,
+    StoreCpu,
+    Variable,
+)
+from generators.render import init_leaves
+
+SCALAR_KINDS = ("u8", "s32", "u32", "s8", "char", "bool", "u16", "s16", "u64", "s64")
+# Sections a variable may be placed in; `.data.percpu` and `.data..percpu` are ordinary data (spec §1).
+SECTIONS = (".percpu", ".data", ".bss", ".rodata", ".percpu.data", ".data.tally", ".percpu.looooooooong",
+            ".data.percpu", ".data..percpu", ".percpu.b")
+PERCPU_SECTIONS = tuple(s for s in SECTIONS if s == ".percpu" or s.startswith(".percpu."))
+OBJECT_NAMES = ("gen", "my_object", "percpu_conformance_gen")
+# Array lengths: mostly small; the large ones put a u64 array at and just past 32 KiB.
+SMALL_COUNTS = st.integers(1, 8)
+LARGE_COUNTS = st.sampled_from((64, 1024, 4095, 4096, 4097))
+MAX_INIT_LEAVES = 32
+
+
+def scalars() -> st.SearchStrategy[Scalar]:
+    return st.sampled_from(SCALAR_KINDS).map(Scalar)
+
+
+def leaf_values(leaf: Leaf) -> st.SearchStrategy[int]:
+    if isinstance(leaf, Enum):
+        return st.sampled_from([v for _, v in leaf.values]) | st.integers(leaf.min_value(), leaf.max_value())
+    return st.integers(leaf.min_value(), leaf.max_value())
+
+
+@st.composite
+def enums(draw: st.DrawFn, tag: str) -> Enum:
+    n = draw(st.integers(1, 4))
+    values = draw(st.lists(st.integers(-3, 300), min_size=n, max_size=n, unique=True))
+    return Enum(tag, tuple((f"{tag.upper()}_{i}", v) for i, v in enumerate(values)))
+
+
+class _Tags:
+    """Fresh struct/enum tags within one model."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> str:
+        self.n += 1
+        return f"t{self.n}"
+
+
+@st.composite
+def ctypes(draw: st.DrawFn, tags: _Tags, depth: int = 2, large: bool = False) -> CType:
+    choices = ["scalar"] + (["array", "record", "enum"] if depth > 0 else [])
+    what = draw(st.sampled_from(choices))
+    if what == "scalar":
+        return draw(scalars())
+    if what == "enum":
+        return draw(enums(tags()))
+    if what == "array":
+        elem = draw(ctypes(tags, depth - 1))
+        counts = SMALL_COUNTS | LARGE_COUNTS if large and isinstance(elem, Scalar) else SMALL_COUNTS
+        count = draw(counts)
+        if draw(st.booleans()) and depth > 1 and count <= 8:  # multi-dimensional
+            return Array(Array(elem, draw(SMALL_COUNTS)), count)
+        return Array(elem, count)
+    kind = draw(st.sampled_from(("struct", "union")))
+    packed = draw(st.booleans())
+    nfields = draw(st.integers(1, 4))
+    fields = []
+    for i in range(nfields):
+        ftype = draw(ctypes(tags, depth - 1))
+        # member alignment attributes only outside packed records, where their effect is unambiguous
+        aligned = None if packed else draw(st.sampled_from((None, None, None, 8, 16)))
+        fields.append(Field(f"f{i}", ftype, aligned))
+    rec_aligned = draw(st.sampled_from((None, None, None, 8, 16)))
+    return Record(tags(), kind, tuple(fields), packed, rec_aligned)
+
+
+@st.composite
+def initialisers(draw: st.DrawFn, ctype: CType, section: str) -> tuple[int, ...] | None:
+    """None (no initialiser), () (explicit zero), or leaf values (complete or partial)."""
+    if section == ".bss":
+        return draw(st.sampled_from((None, ())))
+    order = init_leaves(ctype) if _init_count(ctype) <= 4096 else []
+    style = draw(st.sampled_from(("none", "zero", "partial", "full")))
+    if style == "none" or not order:
+        return None
+    if style == "zero":
+        return ()
+    limit = min(len(order), MAX_INIT_LEAVES)
+    n = limit if style == "full" and len(order) <= MAX_INIT_LEAVES else draw(st.integers(1, limit))
+    return tuple(draw(leaf_values(leaf)) for leaf in order[:n])
+
+
+def _init_count(ctype: CType) -> int:
+    if isinstance(ctype, Array):
+        return ctype.count * _init_count(ctype.elem)
+    if isinstance(ctype, Record):
+        return sum(_init_count(f.type) for f in ctype.fields)
+    return 1
+
+
+@st.composite
+def variables(draw: st.DrawFn, tags: _Tags, name: str, sections: Sequence[str] = SECTIONS) -> Variable:
+    section = draw(st.sampled_from(tuple(sections)))
+    ctype = draw(ctypes(tags, large=section in PERCPU_SECTIONS))
+    static = draw(st.booleans())
+    return Variable(name, ctype, section, static, draw(initialisers(ctype, section)))
+
+
+@st.composite
+def paths(draw: st.DrawFn, ctype: CType) -> Path:
+    """A path to one scalar; any union member may be chosen (they overlap in memory)."""
+    path: list[int | str] = []
+    while isinstance(ctype, Array | Record):
+        if isinstance(ctype, Array):
+            path.append(draw(st.integers(0, ctype.count - 1)))
+            ctype = ctype.elem
+        else:
+            f = draw(st.sampled_from(ctype.fields))
+            path.append(f.name)
+            ctype = f.type
+    return tuple(path)
+
+
+def _leaf_at(ctype: CType, path: Path) -> Leaf:
+    for step in path:
+        if isinstance(ctype, Array):
+            ctype = ctype.elem
+        elif isinstance(ctype, Record):
+            ctype = next(f.type for f in ctype.fields if f.name == step)
+    assert isinstance(ctype, Scalar | Enum)
+    return ctype
+
+
+@st.composite
+def accesses(draw: st.DrawFn, candidates: Sequence[Variable]) -> Access:
+    var = draw(st.sampled_from(tuple(candidates)))
+    return Access(var.name, draw(paths(var.type)))
+
+
+@st.composite
+def operations(draw: st.DrawFn, model_vars: Sequence[Variable], callees: Sequence[str],
+               nested: bool = True) -> Op:
+    writable = [v for v in model_vars if not v.read_only]
+    kinds = ["store", "add", "copy", "cpu"] if writable else []
+    kinds += ["branch"] if nested and model_vars else []
+    kinds += ["call"] if callees else []
+    kind = draw(st.sampled_from(kinds))
+    if kind == "call":
+        return Call(draw(st.sampled_from(tuple(callees))))
+    if kind == "branch":
+        cond = draw(accesses(model_vars))
+        leaf = _leaf_at(next(v.type for v in model_vars if v.name == cond.var), cond.path)
+        inner = 2 if writable or callees else 0
+        body = st.lists(operations(model_vars, callees, nested=False), max_size=inner).map(tuple)
+        return Branch(cond, draw(leaf_values(leaf)), draw(body), draw(body))
+    dst = draw(accesses(writable))
+    leaf = _leaf_at(next(v.type for v in writable if v.name == dst.var), dst.path)
+    if kind == "store":
+        return Store(dst, draw(leaf_values(leaf)))
+    if kind == "add" and not (isinstance(leaf, Scalar) and leaf.kind == "bool"):
+        return Add(dst, draw(leaf_values(leaf)))
+    if kind == "copy":
+        return Copy(dst, draw(accesses(model_vars)))
+    return StoreCpu(dst)
+
+
+@st.composite
+def program_models(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_vars: int = 6,
+                   max_programs: int = 3, max_subprograms: int = 2, max_ops: int = 5,
+                   sections: Sequence[str] = SECTIONS, max_runs: int = 4) -> ProgramModel:
+    tags = _Tags()
+    nvars = draw(st.integers(1, max_vars))
+    model_vars = tuple(draw(variables(tags, f"v{i}", sections)) for i in range(nvars))
+    nprogs = draw(st.integers(1, max_programs))
+    nsubs = draw(st.integers(0, max_subprograms))
+    subs = [f"sub{i}" for i in range(nsubs)]
+    functions = []
+    for i in range(nprogs):
+        ops = draw(st.lists(operations(model_vars, subs), min_size=1, max_size=max_ops))
+        functions.append(Function(f"prog{i}", tuple(ops)))
+    for i, name in enumerate(subs):
+        # a subprogram only calls later ones: no recursion, which the verifier would refuse
+        ops = draw(st.lists(operations(model_vars, subs[i + 1:]), min_size=1, max_size=max_ops))
+        functions.append(Function(name, tuple(ops), subprogram=True))
+    progs = [f.name for f in functions if not f.subprogram]
+    runs = draw(st.lists(st.builds(Run, st.sampled_from(progs), st.sampled_from(tuple(cpus)), st.integers(1, 3)),
+                         min_size=1, max_size=max_runs))
+    name = draw(st.sampled_from(OBJECT_NAMES))
+    return ProgramModel(name, model_vars, tuple(functions), tuple(runs))
