@@ -166,6 +166,23 @@ def leaves(ctype: CType, base: int = 0, path: Path = ()) -> list[LeafSlot]:
     return out
 
 
+def init_slots(ctype: CType, base: int = 0, path: Path = ()) -> list[LeafSlot]:
+    """The scalars an initialiser list names, in order: a union initialises its first member only."""
+    if isinstance(ctype, Scalar | Enum):
+        return [LeafSlot(path, base, ctype)]
+    if isinstance(ctype, Array):
+        out = []
+        for i in range(ctype.count):
+            out += init_slots(ctype.elem, base + i * ctype.elem.size, (*path, i))
+        return out
+    out = []
+    for off, f in zip(ctype.offsets(), ctype.fields, strict=True):
+        out += init_slots(f.type, base + off, (*path, f.name))
+        if ctype.kind == "union":
+            break
+    return out
+
+
 def leaf_count(ctype: CType) -> int:
     if isinstance(ctype, Scalar | Enum):
         return 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from generators.ctype import Array, CType, Enum, Leaf, Record, Scalar, named_types
+from generators.ctype import Array, CType, Enum, Leaf, Record, Scalar, init_slots, named_types
 from generators.model import (
     Access,
     Add,
@@ -101,13 +101,7 @@ def type_definition(t: Enum | Record) -> str:
 
 
 def init_leaves(ctype: CType) -> list[Leaf]:
-    """The scalars an initialiser list names, in order: a union initialises its first member only."""
-    if isinstance(ctype, Scalar | Enum):
-        return [ctype]
-    if isinstance(ctype, Array):
-        return init_leaves(ctype.elem) * ctype.count
-    members = ctype.fields[:1] if ctype.kind == "union" else ctype.fields
-    return [leaf for f in members for leaf in init_leaves(f.type)]
+    return [slot.type for slot in init_slots(ctype)]
 
 
 def initializer(ctype: CType, values: tuple[int, ...] | None) -> str:

@@ -95,7 +95,7 @@ class BtfType:
         return len(self.members) + len(self.enum_values) + len(self.params) + len(self.var_secinfos)
 
     @property
-    def elem_type(self) -> int:
+    def elem_type(self) -> int:  # arrays keep their element type in type_id
         return self.type_id
 
     @property
@@ -121,6 +121,11 @@ class _Reader:
         values = struct.unpack_from(f"<{count}I", self.buf, self.pos)
         self.pos = end
         return values
+
+    def rows(self, width: int, count: int, where: str) -> list[tuple[int, ...]]:
+        """`count` consecutive records of `width` u32s each (members, enum values, params, secinfos)."""
+        flat = iter(self.u32s(width * count, where))
+        return list(zip(*[flat] * width, strict=True))
 
     def string(self, off: int, where: str) -> str:
         if off >= len(self.strs):
@@ -150,32 +155,25 @@ def _decode(r: _Reader, tid: int) -> BtfType:
         elem, index, nelems = r.u32s(3, where)
         return dataclasses.replace(t, type_id=elem, index_type=index, nelems=nelems)
     if kind in ("struct", "union"):
-        v = r.u32s(3 * vlen, where)
         return dataclasses.replace(t, members=tuple(
-            Member(r.string(v[i], where), v[i + 1], v[i + 2] & 0xFFFFFF, v[i + 2] >> 24) if kflag
-            else Member(r.string(v[i], where), v[i + 1], v[i + 2]) for i in range(0, len(v), 3)))
+            Member(r.string(n, where), ty, *((off & 0xFFFFFF, off >> 24) if kflag else (off, 0)))
+            for n, ty, off in r.rows(3, vlen, where)))
     if kind == "enum":
-        v = r.u32s(2 * vlen, where)
         return dataclasses.replace(t, enum_values=tuple(
-            EnumValue(r.string(v[i], where), _signed(v[i + 1], 32) if kflag else v[i + 1])
-            for i in range(0, len(v), 2)))
+            EnumValue(r.string(n, where), _signed(v, 32) if kflag else v) for n, v in r.rows(2, vlen, where)))
     if kind == "enum64":
-        v = r.u32s(3 * vlen, where)
         return dataclasses.replace(t, enum_values=tuple(
-            EnumValue(r.string(v[i], where), _signed(val, 64) if kflag else val)
-            for i in range(0, len(v), 3) for val in (v[i + 1] | v[i + 2] << 32,)))
+            EnumValue(r.string(n, where), _signed(lo | hi << 32, 64) if kflag else lo | hi << 32)
+            for n, lo, hi in r.rows(3, vlen, where)))
     if kind == "func_proto":
-        v = r.u32s(2 * vlen, where)
         return dataclasses.replace(t, params=tuple(
-            Param(r.string(v[i], where), v[i + 1]) for i in range(0, len(v), 2)))
+            Param(r.string(n, where), ty) for n, ty in r.rows(2, vlen, where)))
     if kind == "func":
         return dataclasses.replace(t, linkage=vlen)
     if kind == "var":
         return dataclasses.replace(t, linkage=r.u32s(1, where)[0])
     if kind == "datasec":
-        v = r.u32s(3 * vlen, where)
-        return dataclasses.replace(t, var_secinfos=tuple(
-            VarSecinfo(v[i], v[i + 1], v[i + 2]) for i in range(0, len(v), 3)))
+        return dataclasses.replace(t, var_secinfos=tuple(VarSecinfo(*row) for row in r.rows(3, vlen, where)))
     if kind == "decl_tag":
         return dataclasses.replace(t, component_idx=_signed(r.u32s(1, where)[0], 32))
     return t
@@ -282,10 +280,6 @@ class Btf:
         if depth > _MAX_DEPTH:
             raise BtfError(f"type chain through [{type_id}] too deep or cyclic")
         t = self.get(type_id)
-
-        def inner() -> str:
-            return self._describe(t.type_id, depth + 1)
-
         name = t.name or "<anon>"
         if t.kind == "void":
             return "void"
@@ -294,25 +288,22 @@ class Btf:
         if t.kind in ("struct", "union", "enum", "enum64", "fwd"):
             tag = ("union" if t.kflag else "struct") if t.kind == "fwd" else t.kind.removesuffix("64")
             return f"{tag} {name}"
-        if t.kind in ("const", "volatile", "restrict"):
-            # C puts a pointer's own qualifiers after the star.
-            return f"{inner()} {t.kind}" if self.get(t.type_id).kind == "ptr" else f"{t.kind} {inner()}"
-        if t.kind == "type_tag":
-            return f"{inner()} __tag({name})"
-        if t.kind == "ptr":
-            return f"{inner()} *"
         if t.kind == "array":
             dims = ""
             while t.kind == "array" and depth <= _MAX_DEPTH:
                 dims, depth = dims + f"[{t.nelems}]", depth + 1
                 type_id, t = t.type_id, self.get(t.type_id)
             return self._describe(type_id, depth) + dims
+        if t.kind in ("func", "datasec", "decl_tag"):
+            return f"{t.kind} {name}"
+        inner = self._describe(t.type_id, depth + 1)
         if t.kind == "func_proto":
             args = ", ".join(self._describe(p.type_id, depth + 1) if p.type_id else "..." for p in t.params)
-            return f"{inner()} (*)({args or 'void'})"
-        if t.kind == "var":
-            return f"{inner()} {name}"
-        return f"{t.kind} {name}"
+            return f"{inner} (*)({args or 'void'})"
+        if t.kind in ("const", "volatile", "restrict"):
+            # C puts a pointer's own qualifiers after the star.
+            return f"{inner} {t.kind}" if self.get(t.type_id).kind == "ptr" else f"{t.kind} {inner}"
+        return f"{inner} " + {"type_tag": f"__tag({name})", "ptr": "*", "var": name}[t.kind]
 
 
 def fixup_datasecs(btf: Btf, section_sizes: Mapping[str, int],

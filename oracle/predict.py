@@ -1,0 +1,239 @@
+"""Predict what a loader and kernel of a profile do with the global rendering of a program model.
+
+Inputs: the model (what the C means) and the compiled facts (where clang put each symbol, section sizes and which
+instructions reference which section). The initial images and the per-CPU contents after the run schedule are
+computed from the model's initialisers and operations, not read from the object, so a wrong section image or a
+wrong runtime both show up as differences.
+"""
+
+from __future__ import annotations
+
+import re
+
+from generators.ctype import init_slots, round_up
+from generators.model import ProgramModel, Variable
+from oracle.profiles import (
+    BPF_F_MMAPABLE,
+    BPF_F_RDONLY_PROG,
+    E2BIG,
+    EINVAL,
+    LIBBPF_ERRNO__RELOC,
+    PERCPU_VALUE_LIMIT,
+    LibbpfAxis,
+    Profile,
+)
+from oracle.runtime import Machine
+from schema.result import Result, map_entry, new_env, new_result, program_entry
+from toolchain.elf import ObjectFacts
+
+KIND_DATA, KIND_RODATA, KIND_BSS, KIND_PERCPU = "data", "rodata", "bss", "percpu"
+
+
+class OracleError(RuntimeError):
+    """The compiled object does not match the model (a compiler-layer finding, not an oracle guess)."""
+
+
+def section_kind(section: str, libbpf: LibbpfAxis) -> str | None:
+    """libbpf's classification: .data/.rodata rules first, then the per-CPU rule of the profile."""
+    for kind, base in ((KIND_DATA, ".data"), (KIND_RODATA, ".rodata"), (KIND_BSS, ".bss")):
+        if section == base or section.startswith(base + "."):
+            return kind
+    if section in libbpf.percpu_exact or any(section.startswith(p) for p in libbpf.percpu_prefixes):
+        return KIND_PERCPU
+    return None
+
+
+def object_name(file_name: str) -> str:
+    return file_name.split("/")[-1].split(".")[0]
+
+
+def _sanitise(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", name)
+
+
+def internal_name(obj_name: str, section: str) -> str:
+    """libbpf's internal_map_name: a dotted suffix (".data.x") stands alone, else an object prefix of up to
+    8 characters (the suffix counted as at least 7 long); the kernel keeps 15 characters [V, measured]."""
+    if "." in section[1:]:
+        return _sanitise(section)[:15]
+    prefix = obj_name[: 15 - max(7, len(section))]
+    return _sanitise(prefix + section)[:15]
+
+
+def _map_names(kind: str, section: str, obj_name: str, libbpf: LibbpfAxis) -> tuple[str, str]:
+    if kind != KIND_PERCPU:
+        name = internal_name(obj_name, section)
+        return name, name
+    rules = {"section": section, "section15": _sanitise(section)[:15],
+             "internal": internal_name(obj_name, section)}
+    return rules[libbpf.percpu_name], rules[libbpf.percpu_kernel_name]
+
+
+def _image(variables: list[Variable], facts: ObjectFacts, section: str, size: int) -> bytearray:
+    image = bytearray(size)
+    for var in variables:
+        if not var.init:
+            continue
+        base = _offset(facts, var)
+        for value, slot in zip(var.init, init_slots(var.type), strict=False):
+            image[base + slot.offset: base + slot.offset + slot.type.size] = _bytes(value, slot.type.size)
+    return image
+
+
+def _bytes(value: int, size: int) -> bytes:
+    return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+def _offset(facts: ObjectFacts, var: Variable) -> int:
+    sym = facts.variable_symbol(var.section, var.name)
+    if sym is None:
+        raise OracleError(f"compiler: variable {var.name} is not in section {var.section} of the object")
+    return sym.value
+
+
+def referencing_relocations(facts: ObjectFacts, section: str) -> list[tuple[str, str]]:
+    """(function, symbol) for every instruction relocation against `section`, in libbpf's processing order."""
+    sec = facts.section(section)
+    if sec is None:
+        return []
+    out = []
+    for target, relocs in facts.relocs.items():
+        tsec = facts.section(target)
+        if tsec is None or not tsec.executable:
+            continue
+        for r in relocs:
+            if r.symbol.section_index != sec.index:
+                continue
+            fn = next((f for f in facts.functions if f.section == target
+                       and f.start <= r.insn_index < f.start + len(f.insns)), None)
+            out.append((fn.name if fn else target, r.symbol.name))
+    return out
+
+
+def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possible_cpus: int,
+            online_cpus: list[int], clang: str | None = None) -> Result:
+    libbpf, kernel = profile.libbpf, profile.kernel
+    env = new_env(profile.name, clang=clang, possible_cpus=possible_cpus, online_cpus=list(online_cpus),
+                  libbpf=libbpf.version,
+                  features={"percpu_data": kernel.percpu_direct_value, "bpf_f_cpu": kernel.bpf_f_cpu,
+                            "percpu_insn_jit": kernel.percpu_insn_jit})
+    result = new_result("oracle", env, {"path": str(facts.path), "sha256": facts.sha256})
+    obj_name = object_name(facts.path.name)
+
+    sections = sorted(model.sections(), key=lambda s: facts.section(s).index if facts.section(s) else 1 << 30)
+    kinds = {s: section_kind(s, libbpf) for s in sections}
+
+    # Old libbpf: an unknown section referenced by an instruction fails the open [V, measured].
+    for section in sections:
+        if kinds[section] is None:
+            refs = referencing_relocations(facts, section)
+            if refs:
+                prog, symbol = refs[0]
+                result["open"] = {"ok": False, "error_class": "bad_map_relo",
+                                  "message": libbpf.unknown_section_message.format(
+                                      prog=prog, symbol=symbol, section=section)}
+                result["programs"] = [program_entry(f.name, "not_loaded", errno=LIBBPF_ERRNO__RELOC)
+                                      for f in model.programs]
+                return result
+
+    machine = Machine(model, facts, possible_cpus)
+    load_error: tuple[int, str] | None = None
+    for section in sections:
+        kind = kinds[section]
+        if kind is None:
+            continue
+        members = [v for v in model.variables if v.section == section]
+        size = facts.section(section).size if facts.section(section) else 0
+        for v in members:
+            result["variables"].append({"name": v.name, "section": section, "offset": _offset(facts, v),
+                                        "size": v.type.size})
+        machine.add_section(section, _image(members, facts, section, size), percpu=kind == KIND_PERCPU)
+        name, kernel_name = _map_names(kind, section, obj_name, libbpf)
+        percpu = kind == KIND_PERCPU
+        value_size = round_up(size, libbpf.percpu_value_align) if percpu else size
+        created = True
+        if percpu and not kernel.percpu_direct_value and libbpf.probes_feature:
+            created = False  # autocreate cleared by the feature probe [S]
+        if percpu and created and round_up(value_size, 8) > PERCPU_VALUE_LIMIT:
+            created = False
+            load_error = load_error or (E2BIG, "e2big")
+        flags = 0 if percpu else BPF_F_MMAPABLE | (BPF_F_RDONLY_PROG if kind == KIND_RODATA else 0)
+        result["maps"].append(map_entry(
+            name=name, kernel_name=kernel_name, section=section,
+            type="percpu_array" if percpu else "array", key_size=4, value_size=value_size, max_entries=1,
+            flags=flags, internal=True, created=created))
+
+    percpu_sections = {s for s in sections if kinds[s] == KIND_PERCPU}
+    uncreated = {m["section"] for m in result["maps"] if not m["created"]}
+    verdicts: dict[str, tuple[str, int | None, str | None, str | None]] = {}
+    failed = load_error is not None
+    if load_error:
+        # a map that cannot be created fails the whole load before any program is offered [V]
+        for m in result["maps"]:
+            m["created"] = False
+        for f in model.programs:
+            verdicts[f.name] = ("not_loaded", None, None, None)
+    for f in model.programs:
+        if f.name in verdicts:
+            continue
+        if failed:
+            verdicts[f.name] = ("not_loaded", None, None, None)
+            continue
+        touched = _sections_referenced(facts, f.name, model) & percpu_sections
+        if touched and (touched & uncreated):
+            # merged libbpf on a kernel without the feature: placeholder fd reaches the verifier [D]
+            verdicts[f.name] = ("rejected", EINVAL, "invalid_map_fd", None)
+            failed = True
+        elif touched and not kernel.percpu_direct_value:
+            verdicts[f.name] = ("rejected", EINVAL, "no_direct_value_access", kernel.no_direct_value_message)
+            failed = True
+        else:
+            verdicts[f.name] = ("accepted", 0, None, None)
+    result["programs"] = [program_entry(name, v, errno=e, message_class=c, message=m)
+                          for name, (v, e, c, m) in verdicts.items()]
+
+    loaded = not failed
+    for m in result["maps"]:
+        if m["created"] and loaded:
+            m["before"] = machine.snapshot(m["section"], m["value_size"])
+    for run in model.schedule:
+        ok = loaded and verdicts.get(run.program, ("",))[0] == "accepted"
+        retvals = []
+        for _ in range(run.count):
+            if ok:
+                machine.run(run.program, run.cpu)
+            retvals.append(0 if ok else None)
+        result["runs"].append({"program": run.program, "cpu": run.cpu, "count": run.count,
+                               "retval": retvals})
+    for m in result["maps"]:
+        if m["created"] and loaded:
+            m["after"] = machine.snapshot(m["section"], m["value_size"])
+    return result
+
+
+def _sections_referenced(facts: ObjectFacts, program: str, model: ProgramModel) -> set[str]:
+    """Sections whose symbols the program's code (with the subprograms it calls) references."""
+    names = {program} | _callees(model, program)
+    out = set()
+    for section in model.sections():
+        if any(fn in names for fn, _ in referencing_relocations(facts, section)):
+            out.add(section)
+    return out
+
+
+def _callees(model: ProgramModel, name: str) -> set[str]:
+    from generators.model import Branch, Call
+
+    seen: set[str] = set()
+
+    def walk(ops: tuple) -> None:
+        for op in ops:
+            if isinstance(op, Call) and op.function not in seen:
+                seen.add(op.function)
+                walk(model.function(op.function).ops)
+            elif isinstance(op, Branch):
+                walk(op.then)
+                walk(op.orelse)
+
+    walk(model.function(name).ops)
+    return seen

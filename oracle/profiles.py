@@ -1,0 +1,89 @@
+"""Profiles as data: one row per libbpf behaviour and per kernel behaviour (spec §1-§3).
+
+The oracle reads these tables; it never branches on a profile's name. A profile a user names on the command line
+is a (libbpf, kernel) pair. Confidence marks follow the spec: [V] primary source, [S] author's tree,
+[D] deduced from source, [I] inferred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BPF_F_MMAPABLE = 0x400
+BPF_F_RDONLY_PROG = 0x80
+PERCPU_VALUE_LIMIT = 32 * 1024  # pcpu allocator unit: round_up(value_size, 8) above this is E2BIG [V]
+LIBBPF_ERRNO__RELOC = 4005
+EINVAL, E2BIG, EOPNOTSUPP, EACCES = 22, 7, 95, 13
+
+
+@dataclass(frozen=True)
+class LibbpfAxis:
+    name: str
+    version: str | None
+    # Which section names become a per-CPU map; () for a libbpf that does not know the feature.
+    percpu_exact: tuple[str, ...]
+    percpu_prefixes: tuple[str, ...]
+    # value_size of a per-CPU map: the section size rounded up to this (1 = exact).
+    percpu_value_align: int
+    # bpf_map__name and kernel name of a per-CPU map: "section" (bare), "section15" (cut to 15), "internal"
+    # (libbpf's internal_map_name: up to 8 chars of the object name + section).
+    percpu_name: str
+    percpu_kernel_name: str
+    # Clears autocreate on kernels without the feature (the FEAT_PERCPU_DATA probe) [S].
+    probes_feature: bool
+    # What an unknown .percpu section does to a program that references it.
+    unknown_section_message: str = "libbpf: prog '{prog}': bad map relo against '{symbol}' in section '{section}'"
+
+
+@dataclass(frozen=True)
+class KernelAxis:
+    name: str
+    percpu_direct_value: bool  # direct value access on a 1-entry PERCPU_ARRAY
+    percpu_insn_jit: bool  # the JIT emits per-CPU instructions (x86-64, arm64)
+    bpf_f_cpu: bool
+    no_direct_value_message: str = "no direct value access support for this map type"
+
+
+LIBBPF = {
+    # merged revision: `.percpu` exactly or `.percpu.` prefix, after the .data/.rodata rules [S]
+    "merged": LibbpfAxis("merged", None, (".percpu",), (".percpu.",), 1, "section", "section15", True),
+    # the seed revision: any name with the `.percpu` prefix [V]; value_size exact [I: v2/v3 rounded up]
+    "v1": LibbpfAxis("v1", None, (), (".percpu",), 1, "internal", "internal", False),
+    # released libbpf (<= 1.7; Debian ships 1.1.2): skips the section, then fails the relocation [V, measured]
+    "old": LibbpfAxis("old", "1.1.2", (), (), 1, "internal", "internal", False),
+    # the suite's own raw loader: merged semantics, no feature probe (creates the map whatever the kernel)
+    "raw": LibbpfAxis("raw", None, (".percpu",), (".percpu.",), 1, "section", "section15", False),
+}
+
+KERNEL = {
+    "patched": KernelAxis("patched", True, True, True),
+    "unpatched": KernelAxis("unpatched", False, True, False),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    libbpf: LibbpfAxis
+    kernel: KernelAxis
+
+
+PROFILES = {
+    "merged": Profile("merged", LIBBPF["merged"], KERNEL["patched"]),
+    "v1": Profile("v1", LIBBPF["v1"], KERNEL["patched"]),
+    "unpatched": Profile("unpatched", LIBBPF["old"], KERNEL["unpatched"]),
+    "merged-unpatched-kernel": Profile("merged-unpatched-kernel", LIBBPF["merged"], KERNEL["unpatched"]),
+    "raw-unpatched": Profile("raw-unpatched", LIBBPF["raw"], KERNEL["unpatched"]),
+    "raw-patched": Profile("raw-patched", LIBBPF["raw"], KERNEL["patched"]),
+}
+
+
+class UnknownProfile(ValueError):
+    pass
+
+
+def profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise UnknownProfile(f"unknown profile {name!r} (known: {', '.join(PROFILES)})") from None

@@ -1,0 +1,70 @@
+"""The C meaning of a model's operations, executed on byte images: one image per section, one per CPU for
+per-CPU sections. This is the oracle's runtime truth; it knows nothing of eBPF."""
+
+from __future__ import annotations
+
+from generators.ctype import decode, encode, wrap
+from generators.model import Access, Add, Branch, Call, Copy, Op, ProgramModel, Store, StoreCpu
+from toolchain.elf import ObjectFacts
+
+
+class Machine:
+    def __init__(self, model: ProgramModel, facts: ObjectFacts, possible_cpus: int) -> None:
+        self.model = model
+        self.possible_cpus = possible_cpus
+        self.images: dict[str, list[bytearray]] = {}  # section -> one image, or one per possible CPU
+        self.percpu: dict[str, bool] = {}
+        self.offsets = {}
+        for v in model.variables:
+            sym = facts.variable_symbol(v.section, v.name)
+            if sym is not None:
+                self.offsets[v.name] = sym.value
+
+    def add_section(self, section: str, image: bytearray, *, percpu: bool) -> None:
+        copies = self.possible_cpus if percpu else 1
+        # every possible CPU starts from the same image [V]
+        self.images[section] = [bytearray(image) for _ in range(copies)]
+        self.percpu[section] = percpu
+
+    def snapshot(self, section: str, value_size: int) -> list[str]:
+        return [bytes(img[:value_size]).ljust(value_size, b"\0").hex() for img in self.images[section]]
+
+    def run(self, function: str, cpu: int) -> None:
+        self._ops(self.model.function(function).ops, cpu)
+
+    def _where(self, access: Access, cpu: int) -> tuple[bytearray, int, int]:
+        var = self.model.variable(access.var)
+        slot = self.model.slot(access)
+        images = self.images.get(var.section)
+        if images is None:  # a section no loader maps: its accesses never reach a loaded program
+            images = self.images[var.section] = [bytearray(self.offsets[var.name] + var.type.size)]
+            self.percpu[var.section] = False
+        image = images[cpu] if self.percpu[var.section] else images[0]
+        return image, self.offsets[var.name] + slot.offset, slot.type.size
+
+    def read(self, access: Access, cpu: int) -> int:
+        image, off, size = self._where(access, cpu)
+        return decode(bytes(image[off:off + size]), self.model.leaf(access))
+
+    def write(self, access: Access, cpu: int, value: int) -> None:
+        image, off, size = self._where(access, cpu)
+        leaf = self.model.leaf(access)
+        image[off:off + size] = encode(wrap(value, leaf), leaf)
+
+    def _ops(self, ops: tuple[Op, ...], cpu: int) -> None:
+        for op in ops:
+            if isinstance(op, Store):
+                self.write(op.dst, cpu, op.value)
+            elif isinstance(op, Add):
+                self.write(op.dst, cpu, self.read(op.dst, cpu) + op.value)
+            elif isinstance(op, Copy):
+                self.write(op.dst, cpu, self.read(op.src, cpu))
+            elif isinstance(op, StoreCpu):
+                self.write(op.dst, cpu, cpu)
+            elif isinstance(op, Branch):
+                taken = self.read(op.cond, cpu) > op.threshold
+                self._ops(op.then if taken else op.orelse, cpu)
+            elif isinstance(op, Call):
+                self.run(op.function, cpu)
+            else:
+                raise TypeError(op)
