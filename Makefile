@@ -1,0 +1,17 @@
+# Two commands: `make conformance` (the main job) and `make test` (the suite's own tests). Both install what is missing.
+VENV ?= .venv
+TOX = $(VENV)/bin/tox
+ARGS ?=
+
+.PHONY: setup conformance test lint unit clean
+setup:
+	@VENV=$(VENV) bash scripts/setup.sh
+
+conformance: setup
+	$(TOX) -e conformance -- $(ARGS)
+
+test: setup
+	$(TOX) -e lint,unit -- $(ARGS)
+
+clean:
+	rm -rf $(VENV) .tox reports failures .hypothesis

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what the suite needs on Debian/Ubuntu, then a venv with tox. Idempotent and quiet when nothing is missing.
+# Exit 2 with the exact command to run when it cannot install (not root, no apt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf1 python3-venv gcc libc6-dev)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "setup: missing ${missing[*]} and no apt-get here: install clang >= 18, llvm, bpftool, libbpf 1.x and python3-venv by hand" >&2
+    exit 2
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing ${missing[*]}; as root run: apt-get update && apt-get install -y ${missing[*]}" >&2
+    exit 2
+  fi
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/tox" ]; then
+  echo "setup: creating $VENV with tox"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q "tox>=4" >/dev/null
+fi

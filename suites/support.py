@@ -1,0 +1,76 @@
+"""The pipeline every suite runs: render → compile → read → predict → observe → compare, and the bundle that
+keeps a failing example on disk before it is reported (nothing is lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from generators.model import ProgramModel, dumps
+from generators.render import render_global, render_lowered
+from schema.result import Comparison, Result, compare
+from toolchain.clang import Clang, compile_c
+from toolchain.elf import ObjectFacts, read_object
+
+
+@dataclass(frozen=True)
+class Compiled:
+    model: ProgramModel
+    source: str
+    path: Path
+    facts: ObjectFacts
+
+
+def compile_global(clang: Clang, model: ProgramModel) -> Compiled:
+    source = render_global(model)
+    path = compile_c(clang, source, name=model.name)
+    return Compiled(model, source, path, read_object(path))
+
+
+def percpu_offsets(compiled: Compiled) -> dict[str, int]:
+    out = {}
+    for v in compiled.model.variables:
+        sym = compiled.facts.variable_symbol(v.section, v.name)
+        if sym is not None:
+            out[v.name] = sym.value
+    return out
+
+
+def compile_lowered(clang: Clang, compiled: Compiled) -> Compiled:
+    source = render_lowered(compiled.model, percpu_offsets(compiled))
+    path = compile_c(clang, source, name=compiled.model.name + "_lowered")
+    return Compiled(compiled.model, source, path, read_object(path))
+
+
+def failures_dir() -> Path:
+    return Path(os.environ.get("PERCPU_FAILURES", "failures"))
+
+
+def write_bundle(name: str, compiled: Compiled, documents: dict[str, Result], diff: str,
+                 extra_sources: dict[str, str] | None = None) -> Path:
+    """Everything needed to understand and replay a failure, written before the failure is raised."""
+    root = failures_dir() / f"{name}-{compiled.facts.sha256[:12]}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.json").write_text(dumps(compiled.model))
+    (root / "global.c").write_text(compiled.source)
+    shutil.copy(compiled.path, root / compiled.path.name)
+    for label, text in (extra_sources or {}).items():
+        (root / label).write_text(text)
+    for label, doc in documents.items():
+        (root / f"{label}.json").write_text(json.dumps(doc, indent=1))
+    (root / "diff.txt").write_text(diff + "\n")
+    return root
+
+
+def assert_same(name: str, compiled: Compiled, expected: Result, observed: Result,
+                extra_sources: dict[str, str] | None = None) -> Comparison:
+    cmp = compare(expected, observed)
+    if not cmp.ok:
+        where = write_bundle(name, compiled, {"expected": expected, "observed": observed}, cmp.report(),
+                             extra_sources)
+        raise AssertionError(f"{expected['source']} vs {observed['source']}: {len(cmp.divergences)} divergence(s),"
+                             f" blame {cmp.blame()}; bundle {where}\n{cmp.report()}")
+    return cmp
