@@ -61,12 +61,15 @@ def internal_name(obj_name: str, section: str) -> str:
 
 
 def _map_names(kind: str, section: str, obj_name: str, libbpf: LibbpfAxis) -> tuple[str, str]:
+    """(bpf_map__name, kernel name). A custom dot section (".data.x", ".percpu.x") keeps its real name for
+    bpf_map__name (map_uses_real_name) while the kernel gets 15 characters [V]."""
+    kernel = internal_name(obj_name, section)
+    custom = "." in section[1:]
     if kind != KIND_PERCPU:
-        name = internal_name(obj_name, section)
-        return name, name
-    rules = {"section": section, "section15": _sanitise(section)[:15],
-             "internal": internal_name(obj_name, section)}
-    return rules[libbpf.percpu_name], rules[libbpf.percpu_kernel_name]
+        return (section if custom else kernel), kernel
+    rules = {"section": section, "section15": _sanitise(section)[:15], "internal": kernel}
+    name = section if custom else rules[libbpf.percpu_name]
+    return name, rules[libbpf.percpu_kernel_name]
 
 
 def _image(variables: list[Variable], facts: ObjectFacts, section: str, size: int) -> bytearray:
@@ -181,8 +184,11 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
             continue
         touched = _sections_referenced(facts, f.name, model) & percpu_sections
         if touched and (touched & uncreated):
-            # merged libbpf on a kernel without the feature: placeholder fd reaches the verifier [D]
-            verdicts[f.name] = ("rejected", EINVAL, "invalid_map_fd", None)
+            # merged libbpf on a kernel without the feature: autocreate cleared, the ld_imm64 poisoned; libbpf
+            # rewrites the verifier's "invalid func unknown#2001000NNN" into this message [V/D]
+            missing = next(m["name"] for m in result["maps"] if m["section"] in touched & uncreated)
+            verdicts[f.name] = ("rejected", EINVAL, "map_not_created",
+                                f"BPF map '{missing}' is referenced but wasn't created")
             failed = True
         elif touched and not kernel.percpu_direct_value:
             verdicts[f.name] = ("rejected", EINVAL, "no_direct_value_access", kernel.no_direct_value_message)

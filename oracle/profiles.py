@@ -45,9 +45,10 @@ class KernelAxis:
 
 
 LIBBPF = {
-    # merged revision: `.percpu` exactly or `.percpu.` prefix, after the .data/.rodata rules [S]
+    # merged revision: `.percpu` exactly or `.percpu.` prefix, after the .data/.rodata rules; bare names [V]
     "merged": LibbpfAxis("merged", None, (".percpu",), (".percpu.",), 1, "section", "section15", True),
-    # the seed revision: any name with the `.percpu` prefix [V]; value_size exact [I: v2/v3 rounded up]
+    # the seed revision: any name with the `.percpu` prefix (so `.percpuX` too), object-prefixed name for the
+    # plain section, value_size exactly the section size [V]
     "v1": LibbpfAxis("v1", None, (), (".percpu",), 1, "internal", "internal", False),
     # released libbpf (<= 1.7; Debian ships 1.1.2): skips the section, then fails the relocation [V, measured]
     "old": LibbpfAxis("old", "1.1.2", (), (), 1, "internal", "internal", False),
