@@ -173,8 +173,17 @@ class _Walker:
             self.leaf(f"{path}[cpu{cpu}]", e, o, layer)
 
 
-def compare(expected: Result, observed: Result, *, sections: bool = True) -> Comparison:
-    """Field-by-field comparison; maps are matched by section (or name), programs by name, runs by order."""
+def compare(expected: Result, observed: Result, *, sections: bool = True,
+            layers: tuple[str, ...] = LAYERS) -> Comparison:
+    """Field-by-field comparison; maps are matched by section (or name), programs by name, runs by order.
+    `layers` restricts the comparison to the fields those layers own."""
+    full = _compare(expected, observed, sections)
+    if layers == LAYERS:
+        return full
+    return Comparison([d for d in full.divergences if d.layer in layers], full.compared, full.not_compared)
+
+
+def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
     w = _Walker()
     for f in ("ok", "error_class"):
         w.leaf(f"open.{f}", expected["open"].get(f), observed["open"].get(f), "loader")

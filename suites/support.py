@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from generators.model import ProgramModel, dumps
-from generators.render import render_global, render_lowered
-from schema.result import Comparison, Result, compare
+from generators.render import render_global, render_lowered, section_ident
+from schema.result import LAYERS, Comparison, Result, compare
 from toolchain.clang import Clang, compile_c
 from toolchain.elf import ObjectFacts, read_object
 
@@ -65,9 +65,34 @@ def write_bundle(name: str, compiled: Compiled, documents: dict[str, Result], di
     return root
 
 
+def lowered_as_global(lowered: Result, global_result: Result, model: ProgramModel) -> Result:
+    """The lowered observation re-keyed as the global rendering: each section's 1-entry PERCPU_ARRAY (named by
+    `section_ident`) stands for that section's map, its value cut to the section size (the lowered struct may
+    carry tail padding). Ordinary data maps are taken as they are."""
+    out = json.loads(json.dumps(lowered))
+    by_name = {m["name"]: m for m in lowered["maps"]}
+    maps = []
+    for m in global_result["maps"]:
+        if m["type"] == "percpu_array":
+            low = by_name.get(section_ident(m["section"]))
+            if low is None:
+                continue
+            size = m["value_size"]
+            cut = [[slot[: 2 * size] for slot in low[w]] if low[w] is not None else None
+                   for w in ("before", "after")]
+            # only the contents stand for the global map: names, flags and sizes are the lowered map's own
+            maps.append({**{k: None for k in m}, "section": m["section"], "created": low["created"],
+                         "before": cut[0], "after": cut[1]})
+        else:
+            maps.extend(x for x in lowered["maps"] if x["section"] == m["section"])
+    out["maps"] = maps
+    out["variables"] = global_result["variables"]
+    return out
+
+
 def assert_same(name: str, compiled: Compiled, expected: Result, observed: Result,
-                extra_sources: dict[str, str] | None = None) -> Comparison:
-    cmp = compare(expected, observed)
+                extra_sources: dict[str, str] | None = None, layers: tuple[str, ...] = LAYERS) -> Comparison:
+    cmp = compare(expected, observed, layers=layers)
     if not cmp.ok:
         where = write_bundle(name, compiled, {"expected": expected, "observed": observed}, cmp.report(),
                              extra_sources)
