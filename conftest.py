@@ -71,3 +71,92 @@ def clang(config: RunConfig):
         return Clang.find(config.clang)
     except ToolchainError as e:
         pytest.exit(f"toolchain: {e}", returncode=3)
+
+
+# Backends: each test that takes `backend` runs once per selected backend (kernel: once per loader).
+
+def _backend_ids(config: pytest.Config) -> list[str]:
+    ids = []
+    for name in config.getoption("--backend") or ("sim",):
+        if name == "kernel":
+            loader = config.getoption("--loader")
+            ids += [f"kernel-{loader}"] if loader else ["kernel-libbpf", "kernel-raw"]
+        else:
+            ids.append(name)
+    return ids
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", _backend_ids(metafunc.config), indirect=True, scope="session")
+
+
+_BACKENDS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
+    from suites.backends import KernelBackend, SimBackend, Unavailable
+
+    key = request.param
+    if key not in _BACKENDS:
+        try:
+            if key == "sim":
+                _BACKENDS[key] = SimBackend(config.profile, config.possible_cpus, config.online_cpus)
+            elif key.startswith("kernel-"):
+                _BACKENDS[key] = KernelBackend(key.removeprefix("kernel-"), config.libbpf, clang)
+            else:
+                raise Unavailable(f"{key} backend: not available in this version of the suite")
+        except Unavailable as e:
+            _BACKENDS[key] = e
+    found = _BACKENDS[key]
+    if isinstance(found, Exception):
+        pytest.skip(str(found))
+    return found
+
+
+# The conformance matrix: rows are properties, columns backends; printed at the end of every run.
+
+_MATRIX: dict[tuple[str, str], dict[str, int | str]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    name = report.nodeid.split("::")[-1]
+    prop, _, param = name.partition("[")
+    column = param.rstrip("]") or "oracle"
+    cell = _MATRIX.setdefault((report.nodeid.split("::")[0] + "::" + prop, column), {})
+    outcome = "skipped" if report.skipped else report.outcome
+    cell[outcome] = int(cell.get(outcome, 0)) + 1
+    if report.skipped and isinstance(report.longrepr, tuple):
+        cell["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
+    for key, value in report.user_properties:
+        if key == "predicted_reject":
+            cell["predicted-reject"] = int(cell.get("predicted-reject", 0)) + int(value)
+
+
+def _cell_text(cell: dict[str, int | str]) -> str:
+    if cell.get("failed"):
+        return "FAIL"
+    if cell.get("passed"):
+        rejects = cell.get("predicted-reject")
+        return f"pass ({rejects} predicted-reject)" if rejects else "pass"
+    if cell.get("skipped"):
+        return f"skipped: {cell.get('reason', '')}"
+    return "-"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    suite_rows = {k: v for k, v in _MATRIX.items() if k[0].startswith("suites/")}
+    if not suite_rows:
+        return
+    columns = sorted({c for _, c in suite_rows})
+    props = sorted({p for p, _ in suite_rows})
+    lines = ["| property | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for p in props:
+        cells = [_cell_text(suite_rows.get((p, c), {})) for c in columns]
+        lines.append(f"| {p.removeprefix('suites/')} | " + " | ".join(cells) + " |")
+    terminalreporter.section("conformance matrix")
+    for line in lines:
+        terminalreporter.write_line(line)

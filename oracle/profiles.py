@@ -73,6 +73,7 @@ PROFILES = {
     "merged": Profile("merged", LIBBPF["merged"], KERNEL["patched"]),
     "v1": Profile("v1", LIBBPF["v1"], KERNEL["patched"]),
     "unpatched": Profile("unpatched", LIBBPF["old"], KERNEL["unpatched"]),
+    "old-libbpf-patched-kernel": Profile("old-libbpf-patched-kernel", LIBBPF["old"], KERNEL["patched"]),
     "merged-unpatched-kernel": Profile("merged-unpatched-kernel", LIBBPF["merged"], KERNEL["unpatched"]),
     "raw-unpatched": Profile("raw-unpatched", LIBBPF["raw"], KERNEL["unpatched"]),
     "raw-patched": Profile("raw-patched", LIBBPF["raw"], KERNEL["patched"]),

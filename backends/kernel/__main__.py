@@ -1,0 +1,147 @@
+"""Command line of the kernel backend.
+
+    python -m backends.kernel run FILE.{c,o} [--loader libbpf|raw] [--libbpf PATH] [--run PROG@CPU[:COUNT] ...]
+                                             [--clang PATH]
+    python -m backends.kernel probe [--loader libbpf|raw] [--libbpf PATH]
+
+`run` prints the Observation JSON, `probe` the environment. Every failure is one line on stderr and an exit code:
+2 bad input or corrupt object, 3 toolchain, 4 backend unavailable (not root, bpf() refused, libbpf missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_TOOLCHAIN, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+
+_RUN = re.compile(r"^([A-Za-z_]\w*)@(\d+)(?::(\d+))?$")
+
+
+class Failure(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse's own errors print the usage too; one line is the contract
+    def error(self, message: str) -> NoReturn:
+        raise Failure(EXIT_INPUT, message)
+
+
+def parse_run(text: str) -> tuple[str, int, int]:
+    m = _RUN.match(text)
+    if m is None or (m.group(3) is not None and int(m.group(3)) < 1):
+        raise argparse.ArgumentTypeError(f"bad run {text!r} (want PROG@CPU[:COUNT], COUNT >= 1)")
+    return m.group(1), int(m.group(2)), int(m.group(3) or 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m backends.kernel", description="observe BPF objects on the running kernel")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="load an object (or a C file, compiled first), run it, print the Observation")
+    run.add_argument("file", help="BPF object (.o) or C source (.c)")
+    run.add_argument("--loader", choices=("libbpf", "raw"), default="libbpf")
+    run.add_argument("--libbpf", metavar="PATH", default=None, help="libbpf.so to use (default: the system's)")
+    run.add_argument("--run", dest="runs", metavar="PROG@CPU[:COUNT]", type=parse_run, action="append",
+                     default=[], help="BPF_PROG_TEST_RUN PROG COUNT times on CPU; repeatable, in order")
+    run.add_argument("--clang", metavar="PATH", default=None, help="clang for .c input (default: clang-19 or newer)")
+    probe = sub.add_parser("probe", help="print the probed environment")
+    probe.add_argument("--loader", choices=("libbpf", "raw"), default="libbpf")
+    probe.add_argument("--libbpf", metavar="PATH", default=None)
+    return parser
+
+
+def _compile(path: Path, clang_path: str | None) -> Path:
+    from toolchain.clang import Clang, CompileError, ToolchainError, compile_c
+
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Failure(EXIT_INPUT, f"{path}: cannot read: {e}") from None
+    try:
+        clang = Clang.find(clang_path)
+        return compile_c(clang, source, name=path.name.split(".")[0] or "prog")
+    except ToolchainError as e:
+        raise Failure(EXIT_TOOLCHAIN, f"toolchain: {e}") from None
+    except CompileError as e:
+        # a source clang refuses is bad input; a crash or a timeout is the toolchain's fault
+        code = EXIT_INPUT if "failed" in str(e) else EXIT_TOOLCHAIN
+        raise Failure(code, f"{path}: {e}") from None
+
+
+def _libbpf(path: str | None):  # noqa: ANN202 - Libbpf, imported lazily
+    from backends.kernel.observe import open_libbpf
+
+    return open_libbpf(path)
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from backends.kernel.observe import observe_libbpf, observe_raw
+    from toolchain.elf import ObjectError, read_object
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise Failure(EXIT_INPUT, f"{path}: no such file")
+    obj = _compile(path, args.clang) if path.suffix == ".c" else path
+    try:
+        read_object(obj)
+        if args.loader == "raw":
+            return observe_raw(obj, runs=args.runs)
+        return observe_libbpf(obj, libbpf=_libbpf(args.libbpf), runs=args.runs)
+    except ObjectError as e:
+        raise Failure(EXIT_INPUT, str(e)) from None
+
+
+def cmd_probe(args: argparse.Namespace) -> dict:
+    from backends.kernel.observe import (
+        BackendUnavailable,
+        environment,
+        kernel_features,
+        libbpf_profile_name,
+        raw_profile_name,
+    )
+
+    features = kernel_features()
+    if args.loader == "raw":
+        return environment(None, raw_profile_name(features))
+    try:
+        lib = _libbpf(args.libbpf)
+    except BackendUnavailable:
+        if args.libbpf:
+            raise
+        return environment(None, raw_profile_name(features))
+    return environment(lib, libbpf_profile_name(lib, features))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        from backends.kernel.observe import BackendUnavailable
+
+        args = build_parser().parse_args(argv)
+        try:
+            doc = cmd_run(args) if args.command == "run" else cmd_probe(args)
+        except BackendUnavailable as e:
+            raise Failure(EXIT_UNAVAILABLE, f"kernel backend unavailable: {e}") from None
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    except Failure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the contract is one line, never a traceback
+        text = " ".join(str(e).split())
+        print(f"internal error: {type(e).__name__}: {text}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

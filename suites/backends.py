@@ -1,0 +1,112 @@
+"""The backends a suite can observe with, behind one small interface, and the profile each one is predicted by.
+
+A backend that cannot run here raises `Unavailable` with a one-line reason; the fixture turns it into a visible
+skip. The kernel backends choose their profile by probing the kernel and the libbpf in use, never by flag.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from schema.result import Result
+from suites.support import Compiled
+
+Runs = Sequence[tuple[str, int, int]]
+
+
+class Unavailable(RuntimeError):
+    """This backend cannot run on this machine; the message says why, in one line."""
+
+
+class Backend(Protocol):
+    name: str
+    profile: str  # the oracle profile its observations are predicted by
+    possible_cpus: int
+    online_cpus: tuple[int, ...]
+
+    def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
+        ...
+
+
+@dataclass
+class SimBackend:
+    profile: str
+    possible_cpus: int
+    online_cpus: tuple[int, ...]
+    name: str = "sim"
+
+    def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
+        from backends.sim.observe import observe
+
+        return observe(compiled.path, profile=self.profile, possible_cpus=self.possible_cpus,
+                       online_cpus=list(self.online_cpus), runs=runs, initial_values=initial_values)
+
+
+# (libbpf knows .percpu, kernel has the feature) -> profile; the raw loader always knows .percpu
+KERNEL_PROFILES = {
+    ("libbpf", False, False): "unpatched",
+    ("libbpf", False, True): "old-libbpf-patched-kernel",
+    ("libbpf", True, False): "merged-unpatched-kernel",
+    ("libbpf", True, True): "merged",
+    ("raw", True, False): "raw-unpatched",
+    ("raw", True, True): "raw-patched",
+}
+
+
+@dataclass
+class KernelBackend:
+    loader: str  # "libbpf" | "raw"
+    libbpf_path: str | None
+    clang: object
+    name: str = ""
+    profile: str = ""
+    possible_cpus: int = 0
+    online_cpus: tuple[int, ...] = ()
+    env: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from backends.kernel import probes
+
+        ok, reason = probes.bpf_usable()
+        if not ok:
+            raise Unavailable(f"kernel backend: {reason}")
+        self.name = f"kernel-{self.loader}"
+        facts = probes.probe_all()
+        self.possible_cpus = facts["possible_cpus"]
+        self.online_cpus = tuple(facts["online_cpus"])
+        knows = True if self.loader == "raw" else self._libbpf_knows_percpu()
+        self.profile = KERNEL_PROFILES[(self.loader, knows, bool(facts["features"]["percpu_data"]))]
+
+    @functools.cached_property
+    def libbpf(self):  # noqa: ANN201 - backends.kernel.libbpf.Libbpf, imported lazily
+        from backends.kernel.libbpf import Libbpf, LibbpfMissing
+
+        try:
+            return Libbpf(self.libbpf_path)
+        except LibbpfMissing as e:
+            raise Unavailable(f"kernel backend: {e}") from None
+
+    def _libbpf_knows_percpu(self) -> bool:
+        """Behavioural probe: does this libbpf open an object whose program references a .percpu variable?"""
+        from backends.kernel.libbpf import LibbpfError
+        from toolchain.clang import compile_c
+
+        source = ('int x __attribute__((section(".percpu"), used)) = 1;\n'
+                  '__attribute__((section("raw_tp"), used)) int probe(void *ctx) { x = 2; return 0; }\n'
+                  'char LICENSE[] __attribute__((section("license"), used)) = "GPL";\n')
+        obj = compile_c(self.clang, source, name="libbpf_percpu_probe")
+        try:
+            with self.libbpf.open(str(obj)):
+                return True
+        except LibbpfError:
+            return False
+
+    def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
+        from backends.kernel import observe
+
+        if self.loader == "raw":
+            return observe.observe_raw(compiled.path, runs=runs, initial_values=initial_values)
+        return observe.observe_libbpf(compiled.path, libbpf=self.libbpf, runs=runs, initial_values=initial_values)
