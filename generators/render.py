@@ -277,3 +277,11 @@ def render_lowered(model: ProgramModel, offsets: Mapping[str, int]) -> str:
         out += ["", _function_head(fn), "{", *body, *emitter.ops(fn.ops, "\t"), "\treturn 0;", "}"]
     out += ["", 'char LICENSE[] SEC("license") = "GPL";', ""]
     return "\n".join(out)
+
+
+def lowered_value_size(model: ProgramModel, offsets: Mapping[str, int], section: str) -> int:
+    """sizeof the lowered struct of one section: its last member's end, rounded to the struct's alignment."""
+    members = [v for v in model.variables if v.section == section]
+    end = max(offsets[v.name] + v.type.size for v in members)
+    align = max(v.type.align for v in members)
+    return -(-end // align) * align

@@ -42,6 +42,13 @@ class KernelAxis:
     percpu_insn_jit: bool  # the JIT emits per-CPU instructions (x86-64, arm64)
     bpf_f_cpu: bool
     no_direct_value_message: str = "no direct value access support for this map type"
+    # percpu_array_map_direct_value_addr's checks, in order (merged: JIT first; v1-v3: max_entries first) [V]
+    percpu_check_order: tuple[str, ...] = ("jit", "max_entries", "offset")
+    # check_mem_access never folds a read-only per-CPU value into a constant [S]
+    no_percpu_folding: bool = True
+    # const-string argument pointing into a per-CPU map: merged rejects it before the read-only check [V]
+    const_str_percpu_first: bool = True
+    const_str_percpu_message: str = "R{reg} points to percpu_array map which cannot be used as const string"
 
 
 LIBBPF = {
@@ -58,6 +65,10 @@ LIBBPF = {
 
 KERNEL = {
     "patched": KernelAxis("patched", True, True, True),
+    # v1-v3: max_entries before JIT; the const-string check comes after the read-only one [V]
+    "patched-v1": KernelAxis("patched-v1", True, True, True, percpu_check_order=("max_entries", "offset", "jit"),
+                             const_str_percpu_first=False,
+                             const_str_percpu_message="only array map supports direct string value access"),
     "unpatched": KernelAxis("unpatched", False, True, False),
 }
 
@@ -71,7 +82,7 @@ class Profile:
 
 PROFILES = {
     "merged": Profile("merged", LIBBPF["merged"], KERNEL["patched"]),
-    "v1": Profile("v1", LIBBPF["v1"], KERNEL["patched"]),
+    "v1": Profile("v1", LIBBPF["v1"], KERNEL["patched-v1"]),
     "unpatched": Profile("unpatched", LIBBPF["old"], KERNEL["unpatched"]),
     "old-libbpf-patched-kernel": Profile("old-libbpf-patched-kernel", LIBBPF["old"], KERNEL["patched"]),
     "merged-unpatched-kernel": Profile("merged-unpatched-kernel", LIBBPF["merged"], KERNEL["unpatched"]),

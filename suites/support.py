@@ -99,3 +99,30 @@ def assert_same(name: str, compiled: Compiled, expected: Result, observed: Resul
         raise AssertionError(f"{expected['source']} vs {observed['source']}: {len(cmp.divergences)} divergence(s),"
                              f" blame {cmp.blame()}; bundle {where}\n{cmp.report()}")
     return cmp
+
+
+def predict_for(backend, compiled: Compiled, clang: Clang) -> Result:  # noqa: ANN001 - suites.backends.Backend
+    from oracle.predict import predict
+    from oracle.profiles import profile
+
+    return predict(compiled.model, compiled.facts, profile(backend.profile), possible_cpus=backend.possible_cpus,
+                   online_cpus=list(backend.online_cpus), clang=clang.version)
+
+
+def runs_of(model: ProgramModel) -> list[tuple[str, int, int]]:
+    return [(r.program, r.cpu, r.count) for r in model.schedule]
+
+
+def differential(name: str, backend, clang: Clang, model: ProgramModel,  # noqa: ANN001
+                 layers: tuple[str, ...]) -> tuple[Result, Result]:
+    """Predict and observe one model on one backend; fail (after writing the bundle) on any divergence in
+    the fields `layers` own."""
+    compiled = compile_global(clang, model)
+    expected = predict_for(backend, compiled, clang)
+    observed = backend.observe(compiled, runs_of(model))
+    assert_same(f"{name}-{backend.name}", compiled, expected, observed, layers=layers)
+    return expected, observed
+
+
+def predicted_reject(expected: Result) -> bool:
+    return not expected["open"]["ok"] or any(p["verdict"] != "accepted" for p in expected["programs"])

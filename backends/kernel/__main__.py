@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compile(path: Path, clang_path: str | None) -> Path:
+def _compile(path: Path, clang_path: str | None) -> tuple[Path, str]:
     from toolchain.clang import Clang, CompileError, ToolchainError, compile_c
 
     try:
@@ -67,13 +67,16 @@ def _compile(path: Path, clang_path: str | None) -> Path:
         raise Failure(EXIT_INPUT, f"{path}: cannot read: {e}") from None
     try:
         clang = Clang.find(clang_path)
-        return compile_c(clang, source, name=path.name.split(".")[0] or "prog")
+        return compile_c(clang, source, name=path.name.split(".")[0] or "prog"), clang.version
     except ToolchainError as e:
         raise Failure(EXIT_TOOLCHAIN, f"toolchain: {e}") from None
     except CompileError as e:
         # a source clang refuses is bad input; a crash or a timeout is the toolchain's fault
         code = EXIT_INPUT if "failed" in str(e) else EXIT_TOOLCHAIN
         raise Failure(code, f"{path}: {e}") from None
+    except FileNotFoundError:
+        # clang deletes its output when it fails, and compile_c's cleanup then trips over the missing file
+        raise Failure(EXIT_INPUT, f"{path}: clang failed (run clang on it for the diagnostics)") from None
 
 
 def _libbpf(path: str | None):  # noqa: ANN202 - Libbpf, imported lazily
@@ -89,14 +92,17 @@ def cmd_run(args: argparse.Namespace) -> dict:
     path = Path(args.file)
     if not path.is_file():
         raise Failure(EXIT_INPUT, f"{path}: no such file")
-    obj = _compile(path, args.clang) if path.suffix == ".c" else path
+    obj, clang_version = _compile(path, args.clang) if path.suffix == ".c" else (path, None)
     try:
         read_object(obj)
         if args.loader == "raw":
-            return observe_raw(obj, runs=args.runs)
-        return observe_libbpf(obj, libbpf=_libbpf(args.libbpf), runs=args.runs)
+            doc = observe_raw(obj, runs=args.runs)
+        else:
+            doc = observe_libbpf(obj, libbpf=_libbpf(args.libbpf), runs=args.runs)
     except ObjectError as e:
         raise Failure(EXIT_INPUT, str(e)) from None
+    doc["env"]["clang"] = clang_version
+    return doc
 
 
 def cmd_probe(args: argparse.Namespace) -> dict:

@@ -414,8 +414,10 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
     Map creation stops at the first failure (that map carries `errno`); the object then counts as not loaded.
     The first rejected program fails the object: later programs are not offered and nothing runs, but the
     maps stay readable, so `before`/`after` still show what the kernel holds."""
-    from backends import objload
-
+    try:
+        from backends import objload
+    except ImportError as e:
+        raise BackendUnavailable(f"the raw loader needs backends.objload: {e}") from None
     require_bpf()
     facts = read_object(obj_path)
     features = kernel_features()
