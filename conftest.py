@@ -147,16 +147,45 @@ def _cell_text(cell: dict[str, int | str]) -> str:
     return "-"
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+def _matrix_rows() -> tuple[list[str], list[tuple[str, list[str]]]]:
     suite_rows = {k: v for k, v in _MATRIX.items() if k[0].startswith("suites/")}
-    if not suite_rows:
-        return
     columns = sorted({c for _, c in suite_rows})
     props = sorted({p for p, _ in suite_rows})
-    lines = ["| property | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for p in props:
-        cells = [_cell_text(suite_rows.get((p, c), {})) for c in columns]
-        lines.append(f"| {p.removeprefix('suites/')} | " + " | ".join(cells) + " |")
+    return columns, [(p.removeprefix("suites/"), [_cell_text(suite_rows.get((p, c), {})) for c in columns])
+                     for p in props]
+
+
+def _write_reports(columns: list[str], rows: list[tuple[str, list[str]]], md: list[str]) -> None:
+    import html
+    import json
+    from pathlib import Path
+
+    out = Path(os.environ.get("PERCPU_REPORTS", "reports"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "matrix.md").write_text("\n".join(md) + "\n")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["property", *columns])
+        body = "".join("<tr><td>" + html.escape(p) + "</td>" + "".join(
+            f"<td class='{c.split()[0].rstrip(':').lower()}'>{html.escape(c)}</td>" for c in cells) + "</tr>"
+            for p, cells in rows)
+        (out / "matrix.html").write_text(
+            "<!doctype html><meta charset=utf-8><title>percpu-conformance matrix</title><style>"
+            "td,th{border:1px solid #999;padding:4px}.pass{background:#cfc}.fail{background:#fcc}"
+            ".skipped{background:#eee}</style>"
+            f"<table><tr>{head}</tr>{body}</table>\n")
+        cells = {f"{p}|{c}": v for (p, c), v in _MATRIX.items()}
+        (out / "results.json").write_text(json.dumps({"matrix": cells, "columns": columns}, indent=1) + "\n")
+    except OSError as e:
+        print(f"reports: cannot write {out}: {e.strerror}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    columns, rows = _matrix_rows()
+    if not rows:
+        return
+    md = ["| property | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    md += [f"| {p} | " + " | ".join(cells) + " |" for p, cells in rows]
     terminalreporter.section("conformance matrix")
-    for line in lines:
+    for line in md:
         terminalreporter.write_line(line)
+    _write_reports(columns, rows, md)

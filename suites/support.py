@@ -50,10 +50,15 @@ def failures_dir() -> Path:
 
 
 def write_bundle(name: str, compiled: Compiled, documents: dict[str, Result], diff: str,
-                 extra_sources: dict[str, str] | None = None) -> Path:
+                 extra_sources: dict[str, str] | None = None, meta: dict | None = None) -> Path:
     """Everything needed to understand and replay a failure, written before the failure is raised."""
     root = failures_dir() / f"{name}-{compiled.facts.sha256[:12]}"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"cannot write the failure bundle to {root}: {e.strerror}") from None
+    (root / "meta.json").write_text(json.dumps(meta or {}, indent=1))
+    (root / "replay.txt").write_text(f"python -m suites.replay {root}\n")
     (root / "model.json").write_text(dumps(compiled.model))
     (root / "global.c").write_text(compiled.source)
     shutil.copy(compiled.path, root / compiled.path.name)
@@ -90,12 +95,23 @@ def lowered_as_global(lowered: Result, global_result: Result, model: ProgramMode
     return out
 
 
+class BundleError(OSError):
+    """The failure could not be kept on disk: reported as its own outcome, never swallowed."""
+
+
+def backend_meta(backend) -> dict:  # noqa: ANN001 - suites.backends.Backend
+    return {"backend": backend.name, "profile": backend.profile, "possible_cpus": backend.possible_cpus,
+            "online_cpus": list(backend.online_cpus)}
+
+
 def assert_same(name: str, compiled: Compiled, expected: Result, observed: Result,
-                extra_sources: dict[str, str] | None = None, layers: tuple[str, ...] = LAYERS) -> Comparison:
+                extra_sources: dict[str, str] | None = None, layers: tuple[str, ...] = LAYERS,
+                meta: dict | None = None) -> Comparison:
     cmp = compare(expected, observed, layers=layers)
     if not cmp.ok:
+        meta = {**(meta or {}), "check": name.split("-")[0], "layers": list(layers)}
         where = write_bundle(name, compiled, {"expected": expected, "observed": observed}, cmp.report(),
-                             extra_sources)
+                             extra_sources, meta)
         raise AssertionError(f"{expected['source']} vs {observed['source']}: {len(cmp.divergences)} divergence(s),"
                              f" blame {cmp.blame()}; bundle {where}\n{cmp.report()}")
     return cmp
@@ -120,7 +136,7 @@ def differential(name: str, backend, clang: Clang, model: ProgramModel,  # noqa:
     compiled = compile_global(clang, model)
     expected = predict_for(backend, compiled, clang)
     observed = backend.observe(compiled, runs_of(model))
-    assert_same(f"{name}-{backend.name}", compiled, expected, observed, layers=layers)
+    assert_same(f"{name}-{backend.name}", compiled, expected, observed, layers=layers, meta=backend_meta(backend))
     return expected, observed
 
 

@@ -15,6 +15,7 @@ from oracle.predict import predict
 from oracle.profiles import profile
 from suites.support import (
     assert_same,
+    backend_meta,
     compile_global,
     compile_lowered,
     lowered_as_global,
@@ -36,7 +37,7 @@ def check_lowered_twin(clang, backend, model: ProgramModel) -> None:
             initial[section_ident(m["section"])] = compiled.facts.section(m["section"]).data.ljust(size, b"\0")
     observed = backend.observe(lowered, runs_of(model), initial_values=initial)
     assert_same(f"lowered-{backend.name}", compiled, expected, lowered_as_global(observed, expected, model),
-                extra_sources={"lowered.c": lowered.source}, layers=("runtime",))
+                extra_sources={"lowered.c": lowered.source}, layers=("runtime",), meta=backend_meta(backend))
 
 
 @given(st.data())

@@ -247,8 +247,9 @@ def test_lowered_percpu_map_keeps_each_cpus_writes(objs, lib):
     ncpu = len(probes.possible_cpus())
     image = struct.pack("<QI4x", 100, 0xFFFF)  # hits, cpu_id, tail padding
     runs = [("tick", c, c + 1) for c in cpus]
-    for r in (observe_libbpf(objs["lowered"], libbpf=lib, runs=runs, initial_values={"percpu": image}),
-              _raw(objs["lowered"], runs=runs, initial_values={"percpu": image})):
+    for observe in (lambda: observe_libbpf(objs["lowered"], libbpf=lib, runs=runs, initial_values={"percpu": image}),
+                    lambda: _raw(objs["lowered"], runs=runs, initial_values={"percpu": image})):
+        r = observe()
         assert validate(r) == []
         maps = {m["name"]: m for m in r["maps"]}
         pc = maps["percpu"]

@@ -24,7 +24,7 @@ from typing import Any
 
 from backends.kernel import bpf, probes
 from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LogRecord
-from schema.result import Result, map_entry, new_env, new_result, object_ref, program_entry
+from schema.result import Result, map_entry, new_env, new_result, program_entry
 from toolchain import insn as I
 from toolchain.elf import ObjectFacts, read_object
 
@@ -237,8 +237,24 @@ def _license(facts: ObjectFacts) -> str:
     return sec.data.split(b"\0", 1)[0].decode(errors="replace") if sec is not None and sec.data else "GPL"
 
 
-def _base_result(obj_path: str | os.PathLike[str], env: dict[str, Any], loader: str) -> Result:
-    result = new_result("kernel", env, object_ref(obj_path))
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: str, _stamp: tuple[int, int, int]) -> ObjectFacts:
+    return read_object(path)
+
+
+def _facts(obj_path: str | os.PathLike[str]) -> ObjectFacts:
+    """The object's facts; parsing dominates an observation, so a file unchanged since its last read (same inode,
+    size and mtime) is parsed once."""
+    path = os.path.realpath(obj_path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_object(obj_path)  # raises ObjectError with the reason
+    return _read_cached(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def _base_result(obj_path: str | os.PathLike[str], facts: ObjectFacts, env: dict[str, Any], loader: str) -> Result:
+    result = new_result("kernel", env, {"path": os.fspath(obj_path), "sha256": facts.sha256})
     result["loader"] = loader
     result["load"] = {"ok": False, "errno": None, "message": None}
     return result
@@ -319,9 +335,9 @@ def observe_libbpf(obj_path: str | os.PathLike[str], *, libbpf: Libbpf, runs: Se
     Raises BackendUnavailable, toolchain.elf.ObjectError for a file that is not a BPF object, and ValueError
     for an initial value that names no map or has the wrong size."""
     require_bpf()
-    facts = read_object(obj_path)
+    facts = _facts(obj_path)
     features = kernel_features()
-    result = _base_result(obj_path, environment(libbpf, libbpf_profile_name(libbpf, features)), "libbpf")
+    result = _base_result(obj_path, facts, environment(libbpf, libbpf_profile_name(libbpf, features)), "libbpf")
     ncpus = len(probes.possible_cpus())
     online = probes.online_cpus()
     initial_values = dict(initial_values or {})
@@ -379,7 +395,7 @@ def observe_libbpf(obj_path: str | os.PathLike[str], *, libbpf: Libbpf, runs: Se
         result["load"] = {"ok": True, "errno": 0, "message": None}
         views = obj.maps()
         for v in views:
-            if v.name in after_load:
+            if v.name in after_load and v.fd >= 0:
                 _write_key0(v.fd, v.type, v.key_size, v.value_size, after_load[v.name], ncpus)
         for v, section in zip(views, sections, strict=True):
             created = v.fd >= 0
@@ -419,9 +435,9 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
     except ImportError as e:
         raise BackendUnavailable(f"the raw loader needs backends.objload: {e}") from None
     require_bpf()
-    facts = read_object(obj_path)
+    facts = _facts(obj_path)
     features = kernel_features()
-    result = _base_result(obj_path, environment(None, raw_profile_name(features)), "raw")
+    result = _base_result(obj_path, facts, environment(None, raw_profile_name(features)), "raw")
     ncpus = len(probes.possible_cpus())
     online = probes.online_cpus()
     initial_values = dict(initial_values or {})
