@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from schema.cpulist import parse_cpulist
 
@@ -17,7 +18,9 @@ _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, Hea
 settings.register_profile("dev", max_examples=25, **_COMMON)
 # ci: fixed seed, no example database: the same examples on every machine and every run
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, print_blob=True, **_COMMON)
-settings.register_profile("nightly", max_examples=5000, print_blob=True, **_COMMON)
+_NIGHTLY_DB = os.environ.get("PERCPU_HYPOTHESIS_DB")
+settings.register_profile("nightly", max_examples=5000, print_blob=True, **_COMMON,
+                          **({"database": DirectoryBasedExampleDatabase(_NIGHTLY_DB)} if _NIGHTLY_DB else {}))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

@@ -1,0 +1,132 @@
+"""`python -m suites.gate --baseline CONFIG --candidate CONFIG [--examples N] [--out DIR]`
+
+Gate a loader or kernel change: run the regression corpus plus a fixed-seed sample of generated models on two
+configurations, write one CSV row of facts per case and configuration, and exit 1 on any case whose observations
+differ (0 when none), with a markdown summary. A configuration is a backend plus settings:
+`sim:profile=v1`, `sim:profile=merged,possible=4,online=0-1`, `kernel:loader=raw`,
+`kernel:libbpf=/path/to/libbpf.so`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import sys
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import Phase, given, settings
+
+from corpus.selftest import selftest_model
+from generators.model import ProgramModel
+from generators.strategies import program_models
+from schema.cpulist import parse_cpulist
+from schema.result import Result, compare
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(text: str, clang):  # noqa: ANN001, ANN201 - a suites.backends.Backend
+    from suites.backends import KernelBackend, SimBackend
+
+    kind, _, rest = text.partition(":")
+    opts = dict(item.split("=", 1) for item in rest.split(",") if item)
+    if kind == "sim":
+        possible = int(opts.get("possible", 4))
+        online = tuple(parse_cpulist(opts["online"])) if "online" in opts else tuple(range(possible))
+        return SimBackend(opts.get("profile", "merged"), possible, online)
+    if kind == "kernel":
+        return KernelBackend(opts.get("loader", "libbpf"), opts.get("libbpf"), clang)
+    raise ConfigError(f"unknown configuration {text!r} (sim:… or kernel:…)")
+
+
+def sample_models(n: int, cpus: tuple[int, ...]) -> list[ProgramModel]:
+    """A fixed-seed sample: the same models on every run and machine."""
+    out: list[ProgramModel] = []
+
+    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
+    @given(program_models(cpus=cpus))
+    def collect(model: ProgramModel) -> None:
+        out.append(model)
+
+    collect()
+    return out[:n]
+
+
+def facts_row(case: str, config: str, doc: Result) -> dict[str, str]:
+    def digest(slots: list[str] | None) -> str:
+        return hashlib.sha256("".join(slots).encode()).hexdigest()[:12] if slots else "-"
+
+    return {
+        "case": case, "config": config, "open": "ok" if doc["open"]["ok"] else str(doc["open"]["error_class"]),
+        "maps": ";".join(f"{m['name']}:{m['type']}:{m['flags']}:{m['value_size']}:{int(m['created'])}"
+                         for m in doc["maps"]),
+        "verdicts": ";".join(f"{p['name']}={p['verdict']}/{p['message_class'] or ''}" for p in doc["programs"]),
+        "before": ";".join(digest(m["before"]) for m in doc["maps"]),
+        "after": ";".join(digest(m["after"]) for m in doc["maps"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.gate")
+    parser.add_argument("--baseline", required=True)
+    parser.add_argument("--candidate", required=True)
+    parser.add_argument("--examples", type=int, default=30, help="generated models besides the corpus")
+    parser.add_argument("--out", type=Path, default=Path("reports/gate"))
+    parser.add_argument("--clang")
+    args = parser.parse_args(argv)
+
+    from suites.backends import Unavailable
+    from suites.support import compile_global, runs_of
+    from toolchain.clang import Clang, ToolchainError
+
+    try:
+        clang = Clang.find(args.clang)
+        base, cand = parse_config(args.baseline, clang), parse_config(args.candidate, clang)
+    except (ToolchainError, Unavailable, ConfigError, ValueError) as e:
+        print(f"gate: {e}", file=sys.stderr)
+        return 2
+    cpus = tuple(sorted(set(base.online_cpus) & set(cand.online_cpus)))
+    if not cpus:
+        print("gate: the two configurations share no online CPU", file=sys.stderr)
+        return 2
+    cases = [("corpus:selftest", selftest_model(cpus[:2]))]
+    cases += [(f"sample:{i}", m) for i, m in enumerate(sample_models(args.examples, cpus))]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, differing, fields = [], [], Counter()
+    for case, model in cases:
+        compiled = compile_global(clang, model)
+        docs = [backend.observe(compiled, runs_of(model)) for backend in (base, cand)]
+        rows += [facts_row(case, label, doc) for label, doc in zip((args.baseline, args.candidate), docs,
+                                                                    strict=True)]
+        cmp = compare(docs[0], docs[1])
+        if not cmp.ok:
+            differing.append((case, cmp))
+            fields.update(_generic(d.field) for d in cmp.divergences)
+    with open(args.out / "facts.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = [f"# gate: `{args.baseline}` → `{args.candidate}`", "",
+               f"{len(cases)} cases, {len(differing)} with differences.", ""]
+    if fields:
+        summary += ["| field | cases |", "|---|---|"] + [f"| `{f}` | {n} |" for f, n in fields.most_common()]
+        summary += ["", "First differing cases:", ""]
+        for case, cmp in differing[:5]:
+            summary += [f"- {case}:"] + [f"  - {d}" for d in cmp.divergences[:6]]
+    (args.out / "summary.md").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    return 1 if differing else 0
+
+
+def _generic(field: str) -> str:
+    """`maps[.percpu].after[cpu3]` → `maps[.percpu].after`: one line per kind of difference."""
+    return field.split("[cpu")[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
