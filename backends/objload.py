@@ -297,7 +297,7 @@ def _fixed_btf(facts: ObjectFacts, btf: Btf, data_sections: dict[str, int]) -> B
         raise OpenFailure("btf_fixup", f"libbpf: {e}", errno.ENOENT) from None
 
 
-def _programs_in_load_order(facts: ObjectFacts) -> list[Function]:
+def programs_in_load_order(facts: ObjectFacts) -> list[Function]:
     index = {s.name: s.index for s in facts.sections}
     entries = [f for f in facts.functions if f.is_program]
     return sorted(entries, key=lambda f: index[f.section])  # stable: symbol order within a section
@@ -374,7 +374,7 @@ def prepare(facts: ObjectFacts, profile: LoaderProfile) -> PreparedObject:
 
     variables = _variables(facts, fixed, [m for m in maps if m.internal])
     links = _collect_relos(facts, maps, section_map, maps_sec)
-    programs = [_link(facts, fn, links) for fn in _programs_in_load_order(facts)]
+    programs = [_link(facts, fn, links) for fn in programs_in_load_order(facts)]
     return PreparedObject(obj_name, maps, programs, variables, skipped, log)
 
 
@@ -383,11 +383,11 @@ def _variables(facts: ObjectFacts, fixed: Btf | None, data_maps: Sequence[MapSpe
     out: list[tuple[str, str, int, int]] = []
     for m in data_maps:
         assert m.section is not None
-        if fixed is not None and m.section in fixed.datasecs():
-            out += [(name, m.section, off, size) for name, off, size in fixed.datasec_vars(m.section)]
-        else:  # no BTF for the section: the symbol table still says where each object lives
+        if fixed is None:  # an object without BTF: the symbol table still says where each object lives
             syms = sorted(facts.variables_in(m.section), key=lambda s: s.value)
             out += [(s.name, m.section, s.value, s.size) for s in syms]
+        elif m.section in fixed.datasecs():  # (string-literal sections like .rodata.str1.1 have none)
+            out += [(name, m.section, off, size) for name, off, size in fixed.datasec_vars(m.section)]
     return out
 
 

@@ -10,7 +10,7 @@ The prelude is self-contained (no libbpf headers), so compiling needs only clang
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 from generators.ctype import Array, CType, Enum, Leaf, Record, Scalar, init_slots, named_types
 from generators.model import (
@@ -109,13 +109,28 @@ def initializer(ctype: CType, values: tuple[int, ...] | None) -> str:
         return ""
     if not values:
         return " = 0" if isinstance(ctype, Scalar | Enum) else " = {}"
-    it = iter(zip(values, init_leaves(ctype), strict=False))
-    return " = " + _init_text(ctype, it)
+    cursor = _Cursor(list(zip(values, init_leaves(ctype), strict=False)))
+    return " = " + _init_text(ctype, cursor)
 
 
-def _init_text(ctype: CType, it: Iterator[tuple[int, Leaf]]) -> str:
+class _Cursor:
+    """The initialiser's remaining (value, leaf) pairs; nested lists stop early when it runs out."""
+
+    def __init__(self, items: list[tuple[int, Leaf]]) -> None:
+        self.items, self.pos = items, 0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.items)
+
+    def take(self) -> tuple[int, Leaf]:
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+
+def _init_text(ctype: CType, cursor: _Cursor) -> str:
     if isinstance(ctype, Scalar | Enum):
-        value, leaf = next(it)
+        value, leaf = cursor.take()
         return c_literal(value, leaf)
     if isinstance(ctype, Array):
         children = [ctype.elem] * ctype.count
@@ -124,17 +139,10 @@ def _init_text(ctype: CType, it: Iterator[tuple[int, Leaf]]) -> str:
         children = [f.type for f in members]
     parts = []
     for child in children:
-        try:
-            peek = next(it)
-        except StopIteration:
+        if cursor.done:
             break
-        parts.append(_init_text(child, _prepend(peek, it)))
+        parts.append(_init_text(child, cursor))
     return "{ " + ", ".join(parts) + " }"
-
-
-def _prepend(first: tuple[int, Leaf], rest: Iterator[tuple[int, Leaf]]) -> Iterator[tuple[int, Leaf]]:
-    yield first
-    yield from rest
 
 
 def section_attribute(var: Variable) -> str:

@@ -160,7 +160,8 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
         if percpu and created and round_up(value_size, 8) > PERCPU_VALUE_LIMIT:
             created = False
             load_error = load_error or (E2BIG, "e2big")
-        flags = 0 if percpu else BPF_F_MMAPABLE | (BPF_F_RDONLY_PROG if kind == KIND_RODATA else 0)
+        mmapable = not (libbpf.static_only_not_mmapable and all(v.static for v in members))
+        flags = 0 if percpu else (BPF_F_MMAPABLE if mmapable else 0) | (BPF_F_RDONLY_PROG if kind == KIND_RODATA else 0)
         result["maps"].append(map_entry(
             name=name, kernel_name=kernel_name, section=section,
             type="percpu_array" if percpu else "array", key_size=4, value_size=value_size, max_entries=1,
@@ -199,8 +200,12 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
                           for name, (v, e, c, m) in verdicts.items()]
 
     loaded = not failed
+    if failed and not libbpf.keeps_maps_on_failure:
+        for m in result["maps"]:
+            m["created"] = False
+    readable = loaded or libbpf.keeps_maps_on_failure
     for m in result["maps"]:
-        if m["created"] and loaded:
+        if m["created"] and readable:
             m["before"] = machine.snapshot(m["section"], m["value_size"])
     for run in model.schedule:
         ok = loaded and verdicts.get(run.program, ("",))[0] == "accepted"
@@ -212,7 +217,7 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
         result["runs"].append({"program": run.program, "cpu": run.cpu, "count": run.count,
                                "retval": retvals})
     for m in result["maps"]:
-        if m["created"] and loaded:
+        if m["created"] and readable:
             m["after"] = machine.snapshot(m["section"], m["value_size"])
     return result
 

@@ -31,6 +31,11 @@ class LibbpfAxis:
     percpu_kernel_name: str
     # Clears autocreate on kernels without the feature (the FEAT_PERCPU_DATA probe) [S].
     probes_feature: bool
+    # map_is_mmapable: a data map whose variables are all static gets no BPF_F_MMAPABLE (no skeleton access)
+    # [V, measured with 1.1.2: a .bss holding only static variables has flags 0]
+    static_only_not_mmapable: bool = True
+    # A failed object load closes every map it created (libbpf); the suite's raw loader keeps them for reading.
+    keeps_maps_on_failure: bool = False
     # What an unknown .percpu section does to a program that references it.
     unknown_section_message: str = "libbpf: prog '{prog}': bad map relo against '{symbol}' in section '{section}'"
 
@@ -60,7 +65,8 @@ LIBBPF = {
     # released libbpf (<= 1.7; Debian ships 1.1.2): skips the section, then fails the relocation [V, measured]
     "old": LibbpfAxis("old", "1.1.2", (), (), 1, "internal", "internal", False),
     # the suite's own raw loader: merged semantics, no feature probe (creates the map whatever the kernel)
-    "raw": LibbpfAxis("raw", None, (".percpu",), (".percpu.",), 1, "section", "section15", False),
+    "raw": LibbpfAxis("raw", None, (".percpu",), (".percpu.",), 1, "section", "section15", False,
+                      keeps_maps_on_failure=True),
 }
 
 KERNEL = {
@@ -84,7 +90,7 @@ PROFILES = {
     "merged": Profile("merged", LIBBPF["merged"], KERNEL["patched"]),
     "v1": Profile("v1", LIBBPF["v1"], KERNEL["patched-v1"]),
     "unpatched": Profile("unpatched", LIBBPF["old"], KERNEL["unpatched"]),
-    "old-libbpf-patched-kernel": Profile("old-libbpf-patched-kernel", LIBBPF["old"], KERNEL["patched"]),
+    "old-patched-kernel": Profile("old-patched-kernel", LIBBPF["old"], KERNEL["patched"]),
     "merged-unpatched-kernel": Profile("merged-unpatched-kernel", LIBBPF["merged"], KERNEL["unpatched"]),
     "raw-unpatched": Profile("raw-unpatched", LIBBPF["raw"], KERNEL["unpatched"]),
     "raw-patched": Profile("raw-patched", LIBBPF["raw"], KERNEL["patched"]),

@@ -48,7 +48,7 @@ class SimBackend:
 # (libbpf knows .percpu, kernel has the feature) -> profile; the raw loader always knows .percpu
 KERNEL_PROFILES = {
     ("libbpf", False, False): "unpatched",
-    ("libbpf", False, True): "old-libbpf-patched-kernel",
+    ("libbpf", False, True): "old-patched-kernel",
     ("libbpf", True, False): "merged-unpatched-kernel",
     ("libbpf", True, True): "merged",
     ("raw", True, False): "raw-unpatched",

@@ -61,3 +61,13 @@ def test_rendering_is_deterministic(model):
     assert render_global(model) == render_global(model)
     offsets = {v.name: 0 for v in model.variables}
     assert render_lowered(model, offsets) == render_lowered(model, offsets)
+
+
+def test_nested_initialiser_keeps_every_value():
+    # regression: a generator-based cursor lost the values after the first inner list
+    from generators.render import initializer
+
+    nested = Array(Array(Array(U8, 2), 2), 1)
+    assert initializer(nested, (0, 0, 0, 1)) == " = { { { 0, 0 }, { 0, 1 } } }"
+    rec = Record("r", "struct", (Field("a", Array(U8, 2)), Field("b", Scalar("u32"))))
+    assert initializer(rec, (1,)) == " = { { 1 } }"

@@ -96,10 +96,10 @@ def compile_c(clang: Clang, source: str, options: CompileOptions = CompileOption
         proc = subprocess.run([clang.path, *options.flags(), "-", "-o", tmp], input=source,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise CompileError(f"clang timed out after {timeout:g}s", source, "") from None
     if proc.returncode != 0:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)  # clang removes its own output on failure
         what = "crashed" if proc.returncode < 0 or "PLEASE submit a bug report" in proc.stderr else "failed"
         first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
         raise CompileError(f"clang {what} (exit {proc.returncode}): {first}", source, proc.stderr)

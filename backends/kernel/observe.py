@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from backends import objload
 from backends.kernel import bpf, probes
 from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LogRecord
 from schema.result import Result, map_entry, new_env, new_result, program_entry
@@ -30,7 +31,7 @@ from toolchain.elf import ObjectFacts, read_object
 
 __all__ = [
     "BackendUnavailable", "Run", "environment", "kernel_features", "kernel_profile_name", "libbpf_profile_name",
-    "raw_profile_name", "classify_message", "observe_libbpf", "observe_raw", "open_libbpf", "require_bpf",
+    "raw_profile_name", "classify_message", "observe", "observe_libbpf", "observe_raw", "open_libbpf", "require_bpf",
 ]
 
 Run = tuple[str, int, int]  # (program, cpu, count)
@@ -260,11 +261,12 @@ def _base_result(obj_path: str | os.PathLike[str], facts: ObjectFacts, env: dict
     return result
 
 
-def _fail_open(result: Result, facts: ObjectFacts, runs: Sequence[Run], error_class: str, message: str | None,
+def _fail_open(result: Result, facts: ObjectFacts, error_class: str, message: str | None,
                err: int | None) -> Result:
     result["open"] = {"ok": False, "error_class": error_class, "message": message}
     result["programs"] = [program_entry(name, "not_loaded", errno=err) for name in _program_names(facts)]
-    result["runs"] = _do_runs(runs, {}, [], "object did not open")
+    # nothing to run against: like a prediction, an object that never opened has no runs
+    result["runs"] = []
     return result
 
 
@@ -345,7 +347,7 @@ def observe_libbpf(obj_path: str | os.PathLike[str], *, libbpf: Libbpf, runs: Se
         obj = libbpf.open(os.fspath(obj_path))
     except LibbpfError as e:
         cls, message = _open_failure(e)
-        return _fail_open(result, facts, runs, cls, message, e.errno)
+        return _fail_open(result, facts, cls, message, e.errno)
     with obj:
         views = obj.maps()
         by_name = {v.name: v for v in views}
@@ -430,10 +432,6 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
     Map creation stops at the first failure (that map carries `errno`); the object then counts as not loaded.
     The first rejected program fails the object: later programs are not offered and nothing runs, but the
     maps stay readable, so `before`/`after` still show what the kernel holds."""
-    try:
-        from backends import objload
-    except ImportError as e:
-        raise BackendUnavailable(f"the raw loader needs backends.objload: {e}") from None
     require_bpf()
     facts = _facts(obj_path)
     features = kernel_features()
@@ -444,7 +442,7 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
     try:
         prepared = objload.prepare(facts, objload.LOADER_PROFILES["raw"])
     except objload.OpenFailure as e:
-        return _fail_open(result, facts, runs, e.error_class, e.message, e.errno)
+        return _fail_open(result, facts, e.error_class, e.message, e.errno)
     specs = prepared.maps
     by_name = {m.name: m for m in specs}
     unknown = initial_values.keys() - by_name.keys()
@@ -493,7 +491,7 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
         prog_fds: dict[str, int] = {}
         failed = False
         for prog in prepared.programs:
-            if failed:
+            if failed or not prog.autoload:
                 result["programs"].append(program_entry(prog.name, "not_loaded", errno=None))
                 continue
             insns = I.encode(objload.resolve(prog, fds))

@@ -1,0 +1,512 @@
+"""A simulated kernel: maps, program loading through the simulated verifier, and per-CPU test runs.
+
+The API follows the bpf() syscall (map_create, map_update, map_lookup, map_freeze, prog_load, test_run), with
+failures raised as `SimError(errno, message)`. What differs between kernels is a row of `KERNEL_PROFILES`.
+
+Address space (one interp.Memory per kernel): map k owns [MAP_AREA + k*MAP_SPAN, +MAP_SPAN). An ARRAY value is
+mapped there directly. A PERCPU_ARRAY value's address there is its *per-CPU base*, never mapped: CPU c's copy
+lives at base + percpu_offset(c), so a per-CPU pointer dereferenced without the verifier's per-CPU move faults.
+Map handles (what an ld_imm64 of a map fd yields) are unmapped addresses the helpers recognise.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from backends.objload import (
+    BPF_ANY,
+    BPF_EXIST,
+    BPF_F_ALL_CPUS,
+    BPF_F_CPU,
+    BPF_F_MMAPABLE,
+    BPF_F_RDONLY,
+    BPF_F_RDONLY_PROG,
+    BPF_F_WRONLY,
+    BPF_F_WRONLY_PROG,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_PROG_ARRAY,
+    BPF_NOEXIST,
+    round_up,
+)
+from backends.sim import verifier as vf
+from backends.sim.interp import BpfFault, Machine, Memory, TailCall, run
+from toolchain.insn import Insn
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+PCPU_MIN_UNIT_SIZE = 32 * 1024  # the per-CPU allocator's limit for one value [V]
+MAP_AREA = 1 << 40
+MAP_SPAN = 1 << 32
+MAX_MAPS = (1 << 40) // MAP_SPAN
+PERCPU_UNIT = 1 << 41
+HANDLE_AREA = 1 << 39
+CTX_ADDR = 0x7000_0000
+MAX_SIM_MAP_BYTES = 64 << 20
+BPF_F_LOCK = 4
+BPF_F_NUMA_NODE = 4
+BPF_F_PRESERVE_ELEMS = 0x800
+BPF_F_INNER_MAP = 0x1000
+BPF_F_TOKEN_FD = 0x10000
+ARRAY_CREATE_FLAG_MASK = (BPF_F_NUMA_NODE | BPF_F_MMAPABLE | BPF_F_RDONLY | BPF_F_WRONLY | BPF_F_RDONLY_PROG
+                          | BPF_F_WRONLY_PROG | BPF_F_PRESERVE_ELEMS | BPF_F_INNER_MAP | BPF_F_TOKEN_FD)
+RAW_TP_MAX_ARGS = 12
+PROG_TYPES = ("raw_tp", "socket_filter")
+_OBJ_NAME = re.compile(r"[A-Za-z0-9_.]{0,15}")
+
+# Texts every kernel prints the same way.
+BASE_MESSAGES: dict[str, str] = {
+    "invalid_map_fd": "fd %d is not pointing to valid bpf_map",
+    "no_direct_value": "no direct value access support for this map type",
+    "bad_direct_value": "invalid access to map value pointer, value_size=%d off=%d",
+    "map_value_oob": "invalid access to map value, value_size=%d off=%d size=%d",
+    "write_forbidden": "write into map forbidden, value_size=%d off=%d size=%d",
+    "read_forbidden": "read from map forbidden, value_size=%d off=%d size=%d",
+}
+MERGED_MESSAGES: dict[str, str] = {
+    **BASE_MESSAGES,
+    "const_str_percpu": "R%d points to percpu_array map which cannot be used as const string",  # [V]
+}
+# What the x86-64 JIT makes of a helper call in the xlated program (privileged load), in instructions:
+# bpf_get_smp_processor_id becomes mov/per-CPU mov/load; an ARRAY lookup 7 and a PERCPU_ARRAY lookup 9
+# instructions [V, measured on 6.18]. The per-CPU forms need the JIT's per-CPU instruction [D].
+X86_INLINE_HELPERS: dict[int, int] = {vf.BPF_FUNC_get_smp_processor_id: 3}
+X86_INLINE_LOOKUPS: dict[int, int] = {BPF_MAP_TYPE_ARRAY: 7, BPF_MAP_TYPE_PERCPU_ARRAY: 9}
+
+
+@dataclass(frozen=True, eq=False)
+class KernelProfile:
+    name: str
+    percpu_direct_value: bool  # PERCPU_ARRAY has map_direct_value_addr (the feature's kernel half)
+    percpu_insn_jit: bool  # bpf_jit_supports_percpu_insn(): without it direct per-CPU access is EOPNOTSUPP
+    bpf_f_cpu: bool  # BPF_F_CPU / BPF_F_ALL_CPUS for per-CPU map lookup and update
+    messages: Mapping[str, str]
+    inline_helpers: Mapping[int, int] = field(default_factory=dict)
+    inline_map_lookup: Mapping[int, int] = field(default_factory=dict)
+    # the order map_direct_value_addr checks a per-CPU access in (revisions differ; only JIT-less arches tell)
+    percpu_direct_value_checks: tuple[str, ...] = ("max_entries", "offset", "jit")
+    # fault injection: a verifier that accepts per-CPU direct access but forgets the per-CPU move
+    percpu_rewrite: bool = True
+
+    @property
+    def features(self) -> dict[str, bool]:
+        return {"percpu_data": self.percpu_direct_value and self.percpu_insn_jit, "bpf_f_cpu": self.bpf_f_cpu,
+                "percpu_insn_jit": self.percpu_insn_jit}
+
+
+KERNEL_PROFILES: dict[str, KernelProfile] = {
+    p.name: p for p in (
+        KernelProfile("patched", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS),
+        # Linux <= 7.2, e.g. 6.18 here [V, measured]
+        KernelProfile("unpatched", False, True, False, BASE_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS),
+        # the patched kernel on an arch whose JIT has no per-CPU instruction: direct access is refused [V]
+        KernelProfile("patched-nojit", True, False, True, MERGED_MESSAGES, {},
+                      {BPF_MAP_TYPE_ARRAY: X86_INLINE_LOOKUPS[BPF_MAP_TYPE_ARRAY]}),
+        KernelProfile("broken-norewrite", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS,
+                      X86_INLINE_LOOKUPS, percpu_rewrite=False),
+    )
+}
+
+
+class SimError(OSError):
+    """A failed simulated syscall: errno, the message (the verifier's last line for prog_load) and a class."""
+
+    def __init__(self, err: int, message: str, error_class: str | None = None, log: str = "") -> None:
+        super().__init__(err, message)
+        self.message = message
+        self.error_class = error_class
+        self.log = log or message
+
+
+@dataclass(eq=False)
+class SimMap:
+    fd: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+    base: int
+    handle: int
+    stride: int  # the kernel's elem_size: round_up(value_size, 8)
+    shared: bytearray | None = None  # ARRAY: max_entries * stride bytes
+    percpu: list[bytearray] | None = None  # PERCPU_ARRAY: one max_entries * stride buffer per possible CPU
+    progs: list[SimProg | None] | None = None  # PROG_ARRAY
+    frozen: bool = False
+
+    def value_addr(self, off: int) -> int:
+        """A map-value ld_imm64's constant: mapped for ARRAY, the unmapped per-CPU base for PERCPU_ARRAY."""
+        return self.base + off
+
+    def read_bytes(self, off: int, n: int) -> bytes:
+        """Key 0's value bytes (what the verifier may read of a frozen read-only map)."""
+        assert self.shared is not None
+        return bytes(self.shared[off:off + n])
+
+    def read_value(self, off: int, size: int) -> int:
+        return int.from_bytes(self.read_bytes(off, size), "little")
+
+
+@dataclass(eq=False)
+class SimProg:
+    fd: int
+    name: str
+    prog_type: str
+    insns: list[Insn]  # the verified, rewritten program that runs
+    xlated_insns: int | None
+    log: str
+
+
+class SimKernel:
+    def __init__(self, profile: KernelProfile | str = "patched", *, possible_cpus: int = 4,
+                 online: Sequence[int] | None = None) -> None:
+        self.profile = KERNEL_PROFILES[profile] if isinstance(profile, str) else profile
+        if possible_cpus < 1:
+            raise ValueError(f"possible_cpus must be at least 1, not {possible_cpus}")
+        self.possible_cpus = possible_cpus
+        self.online = sorted(set(online)) if online is not None else list(range(possible_cpus))
+        if not self.online or any(not 0 <= c < possible_cpus for c in self.online):
+            raise ValueError(f"online CPUs {list(online or [])} must be a non-empty subset of "
+                             f"0..{possible_cpus - 1}")
+        self.memory = Memory()
+        self.memory.map(CTX_ADDR, bytearray(8 * RAW_TP_MAX_ARGS), writable=False, name="ctx")
+        self._objects: dict[int, SimMap | SimProg | str] = {}
+        self._next_fd = 3
+        self._maps_created = 0
+        self._by_handle: dict[int, SimMap] = {}
+        self.helpers: dict[int, Callable[[Machine], int | TailCall]] = {
+            vf.BPF_FUNC_map_lookup_elem: self._helper_lookup,
+            vf.BPF_FUNC_map_update_elem: self._helper_update,
+            vf.BPF_FUNC_get_smp_processor_id: lambda m: m.cpu,
+            vf.BPF_FUNC_tail_call: self._helper_tail_call,
+            vf.BPF_FUNC_strncmp: self._helper_strncmp,
+            vf.BPF_FUNC_snprintf: self._helper_snprintf,
+        }
+
+    # -- descriptors --------------------------------------------------------------------------------------
+
+    def _new_fd(self, obj: SimMap | SimProg | str) -> int:
+        fd = self._next_fd
+        self._next_fd += 1
+        self._objects[fd] = obj
+        return fd
+
+    def placeholder_fd(self) -> int:
+        """An open descriptor that is not a BPF object (what libbpf puts in place of a map it did not create)."""
+        return self._new_fd("placeholder")
+
+    def _map(self, fd: int) -> SimMap:
+        obj = self._objects.get(fd)
+        if obj is None:
+            raise SimError(errno.EBADF, f"fd {fd} is not open")
+        if not isinstance(obj, SimMap):
+            raise SimError(errno.EINVAL, f"fd {fd} is not a map")
+        return obj
+
+    def map_by_fd(self, fd: int) -> SimMap | str | None:
+        """For the verifier: the map, a string naming what else the fd is, or None for a closed fd."""
+        obj = self._objects.get(fd)
+        if obj is None or isinstance(obj, SimMap):
+            return obj
+        return obj if isinstance(obj, str) else "prog"
+
+    def prog(self, fd: int) -> SimProg:
+        obj = self._objects.get(fd)
+        if obj is None:
+            raise SimError(errno.EBADF, f"fd {fd} is not open")
+        if not isinstance(obj, SimProg):
+            raise SimError(errno.EINVAL, f"fd {fd} is not a program")
+        return obj
+
+    def percpu_offset(self, cpu: int) -> int:
+        return (cpu + 1) * PERCPU_UNIT
+
+    # -- maps ----------------------------------------------------------------------------------------------
+
+    def map_create(self, map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+                   name: str = "") -> int:
+        if not _OBJ_NAME.fullmatch(name):
+            raise SimError(errno.EINVAL, f"map name {name!r} is not 15 characters of [A-Za-z0-9_.]")
+        if map_type not in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PROG_ARRAY):
+            raise SimError(errno.EOPNOTSUPP, f"unsupported by the simulator: map type {map_type}",
+                           "sim_unsupported")
+        percpu = map_type == BPF_MAP_TYPE_PERCPU_ARRAY
+        # array_map_alloc_check, in its order
+        if max_entries == 0 or key_size != 4 or value_size == 0:
+            raise SimError(errno.EINVAL, "array maps need key_size 4, value_size > 0, max_entries > 0")
+        if flags & ~ARRAY_CREATE_FLAG_MASK or (flags & BPF_F_RDONLY_PROG and flags & BPF_F_WRONLY_PROG) \
+                or (flags & BPF_F_RDONLY and flags & BPF_F_WRONLY):
+            raise SimError(errno.EINVAL, f"map_flags {flags:#x} not allowed")
+        if map_type != BPF_MAP_TYPE_ARRAY and flags & (BPF_F_MMAPABLE | BPF_F_INNER_MAP):
+            raise SimError(errno.EINVAL, "BPF_F_MMAPABLE is only for BPF_MAP_TYPE_ARRAY")
+        if percpu and round_up(value_size, 8) > PCPU_MIN_UNIT_SIZE:
+            raise SimError(errno.E2BIG, f"per-CPU value of {round_up(value_size, 8)} bytes exceeds the "
+                                        f"allocator's unit of {PCPU_MIN_UNIT_SIZE} bytes", "e2big")
+        if map_type == BPF_MAP_TYPE_PROG_ARRAY and (value_size != 4 or flags & (BPF_F_RDONLY_PROG |
+                                                                                 BPF_F_WRONLY_PROG)):
+            raise SimError(errno.EINVAL, "a prog array holds 4-byte program fds")
+        stride = round_up(value_size, 8)
+        if stride * max_entries > MAX_SIM_MAP_BYTES or self._maps_created >= MAX_MAPS:
+            raise SimError(errno.ENOMEM, f"unsupported by the simulator: a map of {stride * max_entries} "
+                                         "bytes", "sim_unsupported")
+        base = MAP_AREA + self._maps_created * MAP_SPAN
+        self._maps_created += 1
+        fd = self._next_fd
+        m = SimMap(fd, map_type, key_size, value_size, max_entries, flags, name, base,
+                   HANDLE_AREA + fd * 0x1000, stride)
+        if map_type == BPF_MAP_TYPE_ARRAY:
+            m.shared = bytearray(stride * max_entries)
+            self.memory.map(base, m.shared, writable=not flags & BPF_F_RDONLY_PROG, name=name or f"map{fd}")
+        elif percpu:
+            m.percpu = [bytearray(stride * max_entries) for _ in range(self.possible_cpus)]
+            for cpu, buf in enumerate(m.percpu):
+                self.memory.map(base + self.percpu_offset(cpu), buf, name=f"{name or f'map{fd}'}@cpu{cpu}")
+        else:
+            m.progs = [None] * max_entries
+        self._by_handle[m.handle] = m
+        assert self._new_fd(m) == fd
+        return fd
+
+    def _check_elem_flags(self, m: SimMap, flags: int) -> int | None:
+        """The CPU selected by BPF_F_CPU, or None; raises for flags this kernel refuses."""
+        low, cpu = flags & U32, flags >> 32
+        if not self.profile.bpf_f_cpu:
+            if (flags & ~BPF_F_LOCK) > BPF_EXIST:
+                raise SimError(errno.EINVAL, f"flags {flags:#x} not supported by this kernel")
+            low &= ~BPF_F_LOCK
+        if low & BPF_F_LOCK:
+            raise SimError(errno.EINVAL, "BPF_F_LOCK on a map without a spin lock")
+        if low & ~(BPF_NOEXIST | BPF_EXIST | BPF_F_CPU | BPF_F_ALL_CPUS) or (low & 3) == 3:
+            raise SimError(errno.EINVAL, f"flags {flags:#x} not allowed")
+        if low & BPF_F_CPU and low & BPF_F_ALL_CPUS:
+            raise SimError(errno.EINVAL, "BPF_F_CPU and BPF_F_ALL_CPUS together")
+        if low & (BPF_F_CPU | BPF_F_ALL_CPUS) and m.type != BPF_MAP_TYPE_PERCPU_ARRAY:
+            raise SimError(errno.EINVAL, "BPF_F_CPU/BPF_F_ALL_CPUS on a map that is not per-CPU")
+        if cpu and not low & BPF_F_CPU:
+            raise SimError(errno.EINVAL, "a CPU number without BPF_F_CPU")
+        if low & BPF_F_CPU:
+            if cpu >= self.possible_cpus:
+                raise SimError(errno.ERANGE, f"cpu {cpu} is not possible")
+            return cpu
+        return None
+
+    def _index(self, m: SimMap, key: bytes, missing: int) -> int:
+        if len(key) != m.key_size:
+            raise SimError(errno.EINVAL, f"key of {len(key)} bytes, map key_size is {m.key_size}")
+        index = int.from_bytes(key, "little")
+        if index >= m.max_entries:
+            raise SimError(missing, f"index {index} >= max_entries {m.max_entries}")
+        return index
+
+    def map_update(self, fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        m = self._map(fd)
+        if m.frozen or m.flags & BPF_F_RDONLY:
+            raise SimError(errno.EPERM, "map is read-only from user space")
+        cpu = self._check_elem_flags(m, flags)
+        index = self._index(m, key, errno.E2BIG)
+        if flags & BPF_NOEXIST:
+            raise SimError(errno.EEXIST, "array elements always exist")
+        if m.progs is not None:
+            if len(value) != 4:
+                raise SimError(errno.EINVAL, "a prog array value is a 4-byte program fd")
+            m.progs[index] = self.prog(int.from_bytes(value, "little"))
+            return
+        off = index * m.stride
+        if m.shared is not None:
+            self._expect(value, m.value_size)
+            m.shared[off:off + m.value_size] = value
+            return
+        assert m.percpu is not None
+        if flags & BPF_F_ALL_CPUS or cpu is not None:
+            self._expect(value, m.value_size)
+            for c in range(self.possible_cpus) if cpu is None else (cpu,):
+                m.percpu[c][off:off + m.value_size] = value
+            return
+        # the whole per-CPU buffer: round_up(value_size, 8) bytes per possible CPU, padding included [D]
+        self._expect(value, m.stride * self.possible_cpus)
+        for c in range(self.possible_cpus):
+            m.percpu[c][off:off + m.stride] = value[c * m.stride:(c + 1) * m.stride]
+
+    @staticmethod
+    def _expect(value: bytes, size: int) -> None:
+        if len(value) != size:
+            raise SimError(errno.EINVAL, f"value of {len(value)} bytes, expected {size}")
+
+    def map_lookup(self, fd: int, key: bytes, flags: int = 0) -> bytes:
+        m = self._map(fd)
+        if m.flags & BPF_F_WRONLY:
+            raise SimError(errno.EPERM, "map is write-only from user space")
+        if flags & (BPF_NOEXIST | BPF_EXIST | BPF_F_ALL_CPUS):
+            raise SimError(errno.EINVAL, f"lookup flags {flags:#x} not allowed")
+        cpu = self._check_elem_flags(m, flags)
+        index = self._index(m, key, errno.ENOENT)
+        if m.progs is not None:
+            p = m.progs[index]
+            if p is None:
+                raise SimError(errno.ENOENT, "empty prog array slot")
+            return p.fd.to_bytes(4, "little")
+        off = index * m.stride
+        if m.shared is not None:
+            return bytes(m.shared[off:off + m.value_size])
+        assert m.percpu is not None
+        if cpu is not None:
+            return bytes(m.percpu[cpu][off:off + m.value_size])
+        return b"".join(bytes(buf[off:off + m.stride]) for buf in m.percpu)
+
+    def map_freeze(self, fd: int) -> None:
+        m = self._map(fd)
+        if m.frozen:
+            raise SimError(errno.EBUSY, "map already frozen")
+        m.frozen = True
+
+    # -- programs ------------------------------------------------------------------------------------------
+
+    def prog_load(self, insns: Sequence[Insn], name: str = "", *, prog_type: str = "raw_tp",
+                  fd_array: Sequence[int] | None = None) -> tuple[int, int | None, str]:
+        """Verify and load; returns (fd, xlated instruction count or None where unmodelled, verifier log)."""
+        if not _OBJ_NAME.fullmatch(name):
+            raise SimError(errno.EINVAL, f"program name {name!r} is not 15 characters of [A-Za-z0-9_.]")
+        if prog_type not in PROG_TYPES:
+            raise SimError(errno.EOPNOTSUPP, f"unsupported by the simulator: program type {prog_type}",
+                           "sim_unsupported")
+
+        def addr_of(info: vf._LdImm) -> int:
+            return info.map.handle if info.kind == "map" else info.map.value_addr(info.off)
+
+        try:
+            verified = vf.verify(insns, profile=self.profile, map_by_fd=self.map_by_fd, addr_of=addr_of,
+                                 nr_cpu_ids=self.possible_cpus, fd_array=fd_array, prog_type=prog_type)
+        except vf.VerifierError as e:
+            raise SimError(e.errno, e.message, e.message_class, e.log) from None
+        fd = self._new_fd(SimProg(self._next_fd, name, prog_type, verified.insns, verified.xlated_insns,
+                                  verified.log))
+        return fd, verified.xlated_insns, verified.log
+
+    def prog_xlated(self, fd: int) -> list[Insn]:
+        return list(self.prog(fd).insns)
+
+    def test_run(self, prog_fd: int, cpu: int | None = None) -> int:
+        """BPF_PROG_TEST_RUN of a raw_tp program, on `cpu` (BPF_F_TEST_RUN_ON_CPU) or the first online CPU."""
+        p = self.prog(prog_fd)
+        if p.prog_type != "raw_tp":
+            raise SimError(errno.EOPNOTSUPP, f"unsupported by the simulator: test run of {p.prog_type}",
+                           "sim_unsupported")
+        if cpu is None:
+            cpu = self.online[0]
+        elif cpu not in self.online:
+            raise SimError(errno.ENXIO, f"cpu {cpu} is not online")  # bpf_prog_test_run_raw_tp
+        r0 = run(p.insns, memory=self.memory, cpu=cpu, percpu_offset=self.percpu_offset(cpu),
+                 helpers=self.helpers, r1=CTX_ADDR)
+        return r0 & U32  # the attr's retval is 32 bits
+
+    # -- helpers (what the verified programs call) ----------------------------------------------------------
+
+    def _helper_map(self, m: Machine, reg: int) -> SimMap:
+        found = self._by_handle.get(m.regs[reg])
+        if found is None:
+            raise BpfFault(f"R{reg} {m.regs[reg]:#x} is not a map")
+        return found
+
+    def _helper_lookup(self, m: Machine) -> int:
+        sm = self._helper_map(m, 1)
+        index = m.memory.read(m.regs[2], 4)
+        if index >= sm.max_entries:
+            return 0
+        off = index * sm.stride
+        return sm.base + off + (self.percpu_offset(m.cpu) if sm.percpu is not None else 0)
+
+    def _helper_update(self, m: Machine) -> int:
+        sm = self._helper_map(m, 1)
+        index = m.memory.read(m.regs[2], 4)
+        flags = m.regs[4]
+        if flags > BPF_EXIST:
+            return -errno.EINVAL
+        if index >= sm.max_entries:
+            return -errno.E2BIG
+        if flags == BPF_NOEXIST:
+            return -errno.EEXIST
+        value = m.memory.read_bytes(m.regs[3], sm.value_size)
+        off = index * sm.stride
+        buf = sm.percpu[m.cpu] if sm.percpu is not None else sm.shared
+        assert buf is not None
+        buf[off:off + sm.value_size] = value
+        return 0
+
+    def _helper_tail_call(self, m: Machine) -> int | TailCall:
+        sm = self._helper_map(m, 2)
+        index = m.regs[3] & U32
+        target = sm.progs[index] if sm.progs is not None and index < sm.max_entries else None
+        if target is None:
+            return m.regs[0]  # a failed tail call falls through and leaves r0 alone
+        return TailCall(target.insns)
+
+    @staticmethod
+    def _c_string(m: Machine, addr: int, limit: int = 4096) -> bytes:
+        out = bytearray()
+        while len(out) < limit:
+            c = m.memory.read(addr + len(out), 1)
+            if c == 0:
+                break
+            out.append(c)
+        return bytes(out)
+
+    def _helper_strncmp(self, m: Machine) -> int:
+        n = m.regs[2] & U32
+        s1 = m.memory.read_bytes(m.regs[1], n)
+        s2 = self._c_string(m, m.regs[3], n)
+        for i in range(n):
+            c1 = s1[i]
+            c2 = s2[i] if i < len(s2) else 0
+            if c1 != c2:
+                return -1 if c1 < c2 else 1
+            if c1 == 0:
+                break
+        return 0
+
+    def _helper_snprintf(self, m: Machine) -> int:
+        out_addr, size, fmt_addr, data, data_len = m.regs[1:6]
+        fmt = self._c_string(m, fmt_addr)
+        args = [m.memory.read(data + 8 * i, 8) for i in range(data_len // 8)]
+        text = _format(fmt, args, lambda a: self._c_string(m, a)).encode()
+        if size:
+            chunk = text[:size - 1] + b"\0"
+            for i, b in enumerate(chunk):
+                m.memory.write(out_addr + i, 1, b)
+        return len(text) + 1
+
+
+_CONVERSION = re.compile(rb"%([-+ 0#]*)(\d*)(ll|l|h)?([diuxXcsp%])")
+
+
+def _format(fmt: bytes, args: Sequence[int], string_at: Callable[[int], bytes]) -> str:
+    """bpf_snprintf's formatting for the conversions the verifier admits."""
+    out, pos, argi = [], 0, 0
+    for m in _CONVERSION.finditer(fmt):
+        out.append(fmt[pos:m.start()].decode("latin-1"))
+        pos = m.end()
+        flags, width, length, conv = (m.group(1).decode(), m.group(2).decode(), m.group(3), m.group(4))
+        if conv == b"%":
+            out.append("%")
+            continue
+        raw = args[argi] if argi < len(args) else 0
+        argi += 1
+        bits = 64 if length in (b"l", b"ll") else 32
+        value = raw & ((1 << bits) - 1)
+        if conv in (b"d", b"i") and value >> (bits - 1):
+            value -= 1 << bits
+        if conv == b"s":
+            text = string_at(raw).decode("latin-1")
+            spec = f"{flags}{width}s"
+        elif conv == b"c":
+            text, spec = chr(raw & 0xFF), f"{flags}{width}s"
+        elif conv == b"p":
+            text, spec = f"{raw:#x}", f"{flags}{width}s"
+        else:
+            text, spec = value, f"{flags}{width}{'d' if conv in (b'i', b'u') else conv.decode()}"
+        out.append(format(text, spec))
+    out.append(fmt[pos:].decode("latin-1"))
+    return "".join(out)
