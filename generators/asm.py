@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from generators.model import register_json_classes
 from toolchain import insn as I
 
 BPF_FUNC_get_smp_processor_id = 8
@@ -48,6 +49,14 @@ class VerifierCase:
     const_str: str | None = None  # "strncmp" | "snprintf": the pointer is the const-string argument (R3)
 
 
+S16_MAX = 32767  # an instruction's offset field
+
+
+def branch_load_offset(case: VerifierCase) -> int:
+    """The offset of the load a folded read would prune: one past the value's end, where the field can say it."""
+    return min(case.map.value_size - case.offset, S16_MAX)
+
+
 def _scratch(case: VerifierCase, n: int) -> list[int]:
     return [r for r in (6, 7, 8, 9, 1, 2) if r != case.reg][:n]
 
@@ -67,9 +76,8 @@ def assemble(case: VerifierCase, map_ref: int) -> list[I.Insn]:
         out.append(I.stx_mem(I.BPF_W, case.reg, cpu_reg, case.store_cpu))
     if case.branch_oob:
         # the image is zero: a folded read takes the jump over the out-of-bounds load
-        past_end = case.map.value_size - case.offset
         out += [I.ldx_mem(I.BPF_B, tmp, case.reg, 0), I.jmp_imm(I.BPF_JEQ, tmp, 0, 1),
-                I.ldx_mem(I.BPF_B, tmp, case.reg, past_end)]
+                I.ldx_mem(I.BPF_B, tmp, case.reg, branch_load_offset(case))]
     if case.const_str == "strncmp":
         out += [I.mov64_reg(3, case.reg), I.st_mem(I.BPF_DW, 10, -8, 0), I.mov64_reg(1, 10),
                 I.alu64_imm(I.BPF_ADD, 1, -8), I.mov64_imm(2, 8), I.call_helper(BPF_FUNC_strncmp)]
@@ -79,7 +87,16 @@ def assemble(case: VerifierCase, map_ref: int) -> list[I.Insn]:
     return [*out, I.mov64_imm(0, 0), I.exit_insn()]
 
 
-VALUE_SIZES = st.sampled_from((8, 4, 1, 13, 64)) | st.sampled_from((32760, 32768, 32769))
+register_json_classes(MapShape, MemOp, VerifierCase)
+
+SMALL_VALUE_SIZES = st.sampled_from((8, 4, 1, 13, 64))
+# one draw in five sits at the per-CPU allocator's edge
+VALUE_SIZES = st.one_of(SMALL_VALUE_SIZES, SMALL_VALUE_SIZES, SMALL_VALUE_SIZES, SMALL_VALUE_SIZES,
+                        st.sampled_from((32760, 32768, 32769)))
+
+
+def _mostly(inside: st.SearchStrategy[int], outside: st.SearchStrategy[int]) -> st.SearchStrategy[int]:
+    return st.one_of(inside, inside, inside, outside)
 
 
 @st.composite
@@ -87,9 +104,12 @@ def verifier_cases(draw: st.DrawFn) -> VerifierCase:
     shape = MapShape(draw(st.sampled_from(("percpu_array", "array"))), draw(VALUE_SIZES),
                      draw(st.sampled_from((1, 1, 1, 2))), draw(st.booleans()))
     size = shape.value_size
-    offset = draw(st.integers(0, size - 1) | st.sampled_from((size, size + 8)))
-    accesses = draw(st.lists(st.builds(MemOp, st.integers(-4, max(0, size - offset) + 4),
-                                       st.sampled_from((1, 2, 4, 8)), st.booleans()), max_size=3))
-    store_cpu = draw(st.none() | st.integers(0, max(0, size - offset - 4)))
+    offset = draw(_mostly(st.integers(0, size - 1), st.sampled_from((size, size + 8))))
+    room = size - offset  # bytes from the pointer to the end of the value
+    near = min(room, S16_MAX - 8)
+    access_off = _mostly(st.integers(0, max(0, near - 1)), st.sampled_from((-4, -1, near, near + 4)))
+    accesses = draw(st.lists(st.builds(MemOp, access_off, st.sampled_from((1, 2, 4, 8)),
+                                       st.booleans()), max_size=2))
+    store_cpu = draw(st.none() | st.integers(0, max(0, min(room - 4, S16_MAX))))
     return VerifierCase(shape, draw(st.integers(0, 9)), offset, draw(st.booleans()), tuple(accesses), store_cpu,
                         draw(st.booleans()), draw(st.sampled_from((None, None, "strncmp", "snprintf"))))

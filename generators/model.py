@@ -151,6 +151,11 @@ _CLASSES = {c.__name__: c for c in (Scalar, Enum, Array, Field, Record, Variable
                                     StoreCpu, Branch, Call, Function, Run, ProgramModel)}
 
 
+def register_json_classes(*classes: type) -> None:
+    """Let other model families (the verifier cases) round-trip through the same JSON form."""
+    _CLASSES.update({c.__name__: c for c in classes})
+
+
 def to_jsonable(obj: Any) -> Any:  # noqa: ANN401 - a JSON value
     if is_dataclass(obj):
         out: dict[str, Any] = {"@type": type(obj).__name__}

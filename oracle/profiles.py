@@ -14,6 +14,7 @@ BPF_F_RDONLY_PROG = 0x80
 PERCPU_VALUE_LIMIT = 32 * 1024  # pcpu allocator unit: round_up(value_size, 8) above this is E2BIG [V]
 LIBBPF_ERRNO__RELOC = 4005
 EINVAL, E2BIG, EOPNOTSUPP, EACCES = 22, 7, 95, 13
+ENOTSUPP = 524  # kernel-internal "not supported": array_map_direct_value_addr leaks it to user space [measured]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class KernelAxis:
     no_direct_value_message: str = "no direct value access support for this map type"
     # percpu_array_map_direct_value_addr's checks, in order (merged: JIT first; v1-v3: max_entries first) [V]
     percpu_check_order: tuple[str, ...] = ("jit", "max_entries", "offset")
+    # errno of map_direct_value_addr refusing a map shape: ARRAY with max_entries != 1 returns ENOTSUPP (524)
+    # [measured on 6.18]; the per-CPU version EOPNOTSUPP [V: patch text, not run]
+    array_unsupported_errno: int = ENOTSUPP
+    percpu_unsupported_errno: int = EOPNOTSUPP
     # check_mem_access never folds a read-only per-CPU value into a constant [S]
     no_percpu_folding: bool = True
     # const-string argument pointing into a per-CPU map: merged rejects it before the read-only check [V]

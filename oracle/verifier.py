@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from generators.asm import VerifierCase, assemble
+from generators.asm import VerifierCase, assemble, branch_load_offset
 from generators.ctype import round_up
-from oracle.profiles import E2BIG, EACCES, EINVAL, EOPNOTSUPP, PERCPU_VALUE_LIMIT, KernelAxis
+from oracle.profiles import E2BIG, EACCES, EINVAL, PERCPU_VALUE_LIMIT, KernelAxis
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,12 @@ def predict_case(case: VerifierCase, kernel: KernelAxis) -> Verdict:
     if percpu and not kernel.percpu_direct_value:
         return _reject(EINVAL, "no_direct_value_access", kernel.no_direct_value_message)
     checks = kernel.percpu_check_order if percpu else ("max_entries", "offset")
+    unsupported = kernel.percpu_unsupported_errno if percpu else kernel.array_unsupported_errno
     for check in checks:
         if check == "jit" and not kernel.percpu_insn_jit:
-            return _reject(EOPNOTSUPP, "direct_value_unsupported", pointer)
+            return _reject(unsupported, "direct_value_unsupported", pointer)
         if check == "max_entries" and shape.max_entries != 1:
-            return _reject(EOPNOTSUPP, "direct_value_unsupported", pointer)
+            return _reject(unsupported, "direct_value_unsupported", pointer)
         if check == "offset" and case.offset >= size:
             return _reject(EINVAL, "offset_out_of_range", pointer)
 
@@ -54,6 +55,7 @@ def predict_case(case: VerifierCase, kernel: KernelAxis) -> Verdict:
         return None
 
     steps = [(a.off, a.size, a.write) for a in case.accesses]
+    folded = False
     if case.store_cpu is not None:
         steps.append((case.store_cpu, 4, True))
     if case.branch_oob:
@@ -61,7 +63,7 @@ def predict_case(case: VerifierCase, kernel: KernelAxis) -> Verdict:
         # read-only, frozen maps are folded, except per-CPU ones [S]: then the fall-through load is explored
         folded = shape.rdonly and not (percpu and kernel.no_percpu_folding)
         if not folded:
-            steps.append((size - case.offset, 1, False))
+            steps.append((branch_load_offset(case), 1, False))
     for off, n, write in steps:
         bad = access(off, n, write)
         if bad:
@@ -76,6 +78,8 @@ def predict_case(case: VerifierCase, kernel: KernelAxis) -> Verdict:
     insns = len(assemble(case, 0))
     if percpu and kernel.percpu_insn_jit:
         insns += 1  # BPF_MOV64_PERCPU_REG after the ld_imm64
+    if folded:
+        insns -= 2  # the jump, hard-wired by the folded read, and the dead load are removed [measured]
     if case.store_cpu is not None and kernel.percpu_insn_jit:
         insns += 2  # bpf_get_smp_processor_id inlined as three per-CPU instructions [measured]
     return Verdict("accepted", 0, None, None, insns)
@@ -83,16 +87,24 @@ def predict_case(case: VerifierCase, kernel: KernelAxis) -> Verdict:
 
 def predict_contents(case: VerifierCase, verdict: Verdict, possible_cpus: int,
                      runs: list[tuple[int, int]]) -> tuple[list[str] | None, list[str] | None]:
-    """(before, after) hex slots: zero images; each run on CPU c stores c at the store_cpu offset."""
+    """(before, after) hex slots: zero images; each run on CPU c performs the case's stores (the constant 0x5a
+    at each write access, then c at the store_cpu offset) in its own slot, or the one shared slot."""
     if verdict.verdict == "not_loaded":
         return None, None
     size = case.map.value_size
     percpu = case.map.type == "percpu_array"
     slots = [bytearray(size) for _ in range(possible_cpus if percpu else 1)]
     before = [s.hex() for s in slots]
-    if verdict.verdict == "accepted" and case.store_cpu is not None:
-        at = case.offset + case.store_cpu
+    if verdict.verdict == "accepted":
         for cpu, count in runs:
-            if count:
-                slots[cpu if percpu else 0][at:at + 4] = cpu.to_bytes(4, "little")
+            if not count:
+                continue
+            slot = slots[cpu if percpu else 0]
+            for acc in case.accesses:
+                if acc.write:
+                    at = case.offset + acc.off
+                    slot[at:at + acc.size] = (0x5A).to_bytes(acc.size, "little")
+            if case.store_cpu is not None:
+                at = case.offset + case.store_cpu
+                slot[at:at + 4] = cpu.to_bytes(4, "little")
     return before, [s.hex() for s in slots]

@@ -447,3 +447,29 @@ def test_plain_constants_and_jumps_survive():
     pfd, xlated, _ = k.prog_load(prog, "k")
     assert xlated == 3  # `ja +0` is removed as a no-op
     assert k.test_run(pfd, 0) == 0x1234
+
+
+def test_idx_value_loads_go_through_fd_array():
+    k = kernel()
+    fd = k.map_create(PCPU, 4, 8, 1, 0, "p")
+    prog = [*ld_map_value(3, 0, 4, by_index=True), st_mem(BPF_W, 3, 0, 9), *RET0]
+    e = rejected(k, prog)
+    assert (e.errno, e.error_class) == (errno.EPROTO, "invalid_map_fd")
+    pfd, xlated, _ = k.prog_load(prog, "idx", fd_array=[fd])
+    assert xlated == len(prog) + 1
+    k.test_run(pfd, 2)
+    assert percpu_u32(k, fd, 4) == [0, 0, 9, 0]
+
+
+def test_read_only_frozen_percpu_map_reads_but_never_folds_or_writes():
+    k = kernel()
+    fd = k.map_create(PCPU, 4, 4, 1, BPF_F_RDONLY_PROG, "ro")
+    k.map_update(fd, KEY0, (7).to_bytes(4, "little"), BPF_F_ALL_CPUS)
+    k.map_freeze(fd)
+    read = [*ld_map_value(1, fd, 0), ldx_mem(BPF_W, 0, 1, 0), jmp_imm(BPF_JGT, 0, 5, 1), mov64_imm(0, 2),
+            exit_insn()]
+    pfd, xlated, _ = k.prog_load(read, "rd")
+    assert xlated == len(read) + 1  # both arms kept: a per-CPU value is no constant
+    assert k.test_run(pfd, 1) == 7
+    e = rejected(k, [*ld_map_value(1, fd, 0), st_mem(BPF_W, 1, 0, 1), *RET0])
+    assert (e.error_class, e.message) == ("write_into_rdonly", "write into map forbidden, value_size=4 off=0 size=4")

@@ -240,7 +240,7 @@ def test_lowered_rendering_leaves_the_same_percpu_bytes(clang):
     for m in percpu:
         lm = lowered_maps[section_ident(m["section"])]
         assert (lm["internal"], lm["type"]) == (False, "percpu_array")
-        assert lm["after"] == m["after"], m["section"]
+        assert [slot[:2 * m["value_size"]] for slot in lm["after"]] == m["after"], m["section"]
     assert the_map(low, ".bss")["after"] == the_map(glob, ".bss")["after"] == ["06000000"]
     assert [x["retval"] for x in low["runs"]] == [x["retval"] for x in glob["runs"]]
     assert s32(lowered_maps["percpu_data"]["after"][3], 0) == 9 and s32(lowered_maps["percpu_data"]["after"][1], 0) == 0

@@ -25,6 +25,7 @@ from typing import Any
 from backends import objload
 from backends.kernel import bpf, probes
 from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LogRecord
+from schema import messages
 from schema.result import Result, map_entry, new_env, new_result, program_entry
 from toolchain import insn as I
 from toolchain.elf import ObjectFacts, read_object
@@ -56,22 +57,6 @@ _LIBBPF_PROFILES = {
     ("old", "patched"): "old-patched-kernel",
 }
 
-# Verifier / loader messages -> message_class. Searched from the end of a log, first hit wins, because the
-# verifier prints the reason last and its register dumps before it.
-MESSAGE_CLASSES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), c) for p, c in (
-    (r"no direct value access support for this map type", "no_direct_value_access"),
-    (r"invalid access to map value", "map_value_oob"),
-    (r"write into map forbidden", "write_into_rdonly"),
-    (r"fd \d+ is not pointing to valid bpf_map", "invalid_map_fd"),
-    (r"BPF map '[^']*' is referenced but wasn't created", "map_not_created"),
-    (r"points to percpu_array map which cannot be used as const string", "percpu_const_string"),
-    (r"only array map supports (direct string value access|snprintf)", "percpu_const_string"),
-    (r"direct value offset of \d+ is not allowed", "direct_value_offset"),
-    (r"unknown func ", "unknown_helper"),
-    (r"R\d+ !read_ok", "uninit_register"),
-    (r"invalid mem access", "invalid_mem_access"),
-    (r"BPF program is too large", "too_large"),
-))
 
 _PROG_FAILED = re.compile(r"^libbpf: prog '([^']+)': (?:failed to load|BPF program load failed|-- BEGIN PROG LOAD LOG)")
 _PROG_ERRNO = re.compile(r"^libbpf: prog '([^']+)': failed to load: -?(\w+)")
@@ -153,12 +138,8 @@ def environment(libbpf: Libbpf | None, profile: str) -> dict[str, Any]:
 # -- shared helpers ------------------------------------------------------------------------------------------
 
 
-def classify_message(lines: Iterable[str]) -> str:
-    for line in reversed(list(lines)):
-        for pattern, cls in MESSAGE_CLASSES:
-            if pattern.search(line):
-                return cls
-    return "other"
+def classify_message(lines: Iterable[str], err: int | None = None) -> str:
+    return messages.classify(lines, err)
 
 
 def _type_name(map_type: int) -> str:
@@ -326,7 +307,7 @@ def _rejection(e: LibbpfError) -> tuple[str | None, int, str | None, str]:
             break
     block = _verifier_block(e.log, failed)
     message = bpf.last_meaningful_line("\n".join(block)) or _libbpf_line(e.records) or str(e)
-    return failed, err, message, classify_message(block or [message])
+    return failed, err, message, classify_message(block or [message], err)
 
 
 def observe_libbpf(obj_path: str | os.PathLike[str], *, libbpf: Libbpf, runs: Sequence[Run] = (),
@@ -502,7 +483,7 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
                 message = e.reason or str(e)
                 result["programs"].append(program_entry(prog.name, "rejected", errno=e.errno,
                                                         message_class=classify_message(e.log.splitlines()
-                                                                                       or [message]),
+                                                                                       or [message], e.errno),
                                                         message=message))
                 result["load"] = {"ok": False, "errno": e.errno, "message": message}
                 failed = True

@@ -100,10 +100,13 @@ class _Load:
                 spec = self.prepared.map_by_name(name)
             except KeyError:
                 raise ValueError(f"initial value for unknown map {name!r}") from None
-            if len(value) != spec.value_size:  # bpf_map__set_initial_value: size must equal value_size
+            # an internal map's image is replaced as by bpf_map__set_initial_value (exact size); a .maps map
+            # gets a user-space write, zero-padded, since a lowered struct may be longer than its section
+            exact = spec.internal or spec.type != BPF_MAP_TYPE_PERCPU_ARRAY and spec.type != BPF_MAP_TYPE_ARRAY
+            if len(value) != spec.value_size if exact else len(value) > spec.value_size:
                 raise ValueError(f"initial value for {name!r} has {len(value)} bytes, value_size is "
                                  f"{spec.value_size}")
-            images[self.prepared.maps.index(spec)] = bytes(value)
+            images[self.prepared.maps.index(spec)] = bytes(value) + bytes(spec.value_size - len(value))
         return images
 
     def create_maps(self) -> None:
@@ -194,7 +197,12 @@ def _map_entries(prepared: PreparedObject, load: _Load | None, before: Sequence[
 def observe(obj_path: str | Path, *, profile: str = "merged", possible_cpus: int = 4,
             online_cpus: list[int] | None = None, runs: Sequence[tuple[str, int, int]] = (),
             initial_values: Mapping[str, bytes] | None = None) -> dict[str, Any]:
-    """The Observation of `obj_path` on the simulator, per shared/spec/result-schema.md."""
+    """The Observation of `obj_path` on the simulator, per shared/spec/result-schema.md.
+
+    `initial_values` maps a map's name (or an internal map's section) to its starting value, the same bytes
+    on every possible CPU: an internal map's image is replaced (exactly value_size bytes), a `.maps` map is
+    written after creation (at most value_size bytes, zero-padded).
+    """
     if profile not in SIM_PROFILES:
         raise ValueError(f"unknown profile {profile!r} (known: {', '.join(SIM_PROFILES)})")
     loader_name, kernel_name = SIM_PROFILES[profile]

@@ -1,0 +1,168 @@
+"""Command line of the VM backend.
+
+    python -m backends.vm smoke [--kernel-image PATH] [--modules DIR] [--vm-cpus N] [--vm-memory M]
+                                [--vm-timeout S] [--clang PATH]
+
+`smoke` boots the image once and observes a small built-in object through both loaders on every guest CPU, then
+prints the guest kernel, the accelerator, the seconds and what each observation saw. Every failure is one line on
+stderr and an exit code: 1 an observation that came back wrong, 2 bad input, 3 toolchain, 4 the VM backend is
+unavailable here, 5 the guest failed (the end of its console follows the line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_WRONG, EXIT_INPUT, EXIT_TOOLCHAIN, EXIT_UNAVAILABLE, EXIT_VM = 0, 1, 2, 3, 4, 5
+
+# Returns the CPU it ran on, so each run shows test_run really ran where it was asked to.
+SMOKE_SOURCE = """\
+#define SEC(n) __attribute__((section(n), used))
+typedef unsigned int __u32;
+static __u32 (*bpf_get_smp_processor_id)(void) = (void *) 8;
+char _license[] SEC("license") = "GPL";
+
+int hits = 7;
+__u32 seen;
+
+SEC("raw_tp") int touch(void *ctx)
+{
+    __u32 cpu = bpf_get_smp_processor_id();
+    hits += 1;
+    seen |= 1u << cpu;
+    return cpu;
+}
+"""
+
+
+class Failure(Exception):
+    def __init__(self, code: int, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise Failure(EXIT_INPUT, message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m backends.vm", description="run the kernel backend inside a booted kernel image")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    smoke = sub.add_parser("smoke", help="boot once and observe a built-in object through both loaders")
+    smoke.add_argument("--kernel-image", type=Path, default=None,
+                       help="bzImage to boot (default: the newest Debian generic /boot/vmlinuz-*-amd64)")
+    smoke.add_argument("--modules", type=Path, default=None,
+                       help="INSTALL_MOD_PATH holding the image's lib/modules/<release> (default: found by vng)")
+    smoke.add_argument("--vm-cpus", type=int, default=2, metavar="N")
+    smoke.add_argument("--vm-memory", default="1G", metavar="M")
+    smoke.add_argument("--vm-timeout", type=float, default=300.0, metavar="S")
+    smoke.add_argument("--clang", default=None, metavar="PATH", help="clang (default: clang-19 or newer)")
+    return parser
+
+
+def _compile(clang_path: str | None) -> tuple[Path, str]:
+    from toolchain.clang import Clang, CompileError, ToolchainError, compile_c
+
+    try:
+        clang = Clang.find(clang_path)
+        return compile_c(clang, SMOKE_SOURCE, name="vm_smoke"), clang.version
+    except (ToolchainError, CompileError) as e:
+        raise Failure(EXIT_TOOLCHAIN, f"toolchain: {e}") from None
+
+
+def _describe(doc: dict[str, Any], cpus: int) -> tuple[str, list[str]]:
+    """One line for an observation and the problems found in it."""
+    loader = doc.get("loader", "?")
+    if "error" in doc:
+        return f"{loader}: error {doc['error']['type']}: {doc['error']['message']}", []
+    problems = []
+    env = doc["env"]
+    verdicts = ", ".join(f"{p['name']} {p['verdict']}" for p in doc["programs"]) or "no programs"
+    runs = " ".join(f"cpu{r['cpu']}->{r['retval']}" for r in doc["runs"])
+    for r in doc["runs"]:
+        if r["retval"] != [r["cpu"]] * r["count"]:
+            problems.append(f"{loader}: run on cpu {r['cpu']} returned {r['retval']} ({r.get('error')})")
+    if {r["cpu"] for r in doc["runs"]} != set(range(cpus)):
+        problems.append(f"{loader}: runs did not cover cpus 0..{cpus - 1}")
+    maps = "; ".join(f"{m['name']} {m['before']}->{m['after']}" for m in doc["maps"] if m["created"])
+    line = (f"{loader}: profile {env['profile']}, libbpf {env['libbpf']}, possible {env['possible_cpus']}, "
+            f"online {env['online_cpus']}; {verdicts}; runs {runs}; maps {maps}")
+    return line, problems
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from backends.vm.runner import VmConfig, VmSession, default_kernel_image
+
+    if args.vm_cpus < 1:
+        raise Failure(EXIT_INPUT, f"--vm-cpus {args.vm_cpus}: want >= 1")
+    if args.vm_timeout <= 0:
+        raise Failure(EXIT_INPUT, f"--vm-timeout {args.vm_timeout:g}: want > 0")
+    image = args.kernel_image or default_kernel_image()
+    obj, clang_version = _compile(args.clang)
+    session = VmSession(VmConfig(kernel_image=image, modules=args.modules, cpus=args.vm_cpus,
+                                 memory=args.vm_memory, timeout=args.vm_timeout))
+    print(f"vm: {session.accel_notice}", flush=True)
+    print(f"vm: booting {image} ({session.release or 'release unknown'}) with {args.vm_cpus} vCPUs, "
+          f"{args.vm_memory}", flush=True)
+    runs = [["touch", cpu, 1] for cpu in range(args.vm_cpus)]
+    requests = [{"object": str(obj), "loader": loader, "runs": runs, "initial_values": {}}
+                for loader in ("libbpf", "raw")]
+    docs = session.run_batch(requests)
+    guest = session.guest or {}
+    probe = guest.get("probe", {})
+    print(f"vm: guest kernel {guest.get('kernel_release')}, features {probe.get('features')}, "
+          f"{session.vm_seconds:.1f}s boot+run+shutdown (agent {guest.get('agent_seconds')}s)")
+    problems: list[str] = []
+    unavailable = 0
+    for req, doc in zip(requests, docs, strict=True):
+        doc.setdefault("loader", req["loader"])
+        if "error" not in doc:
+            doc["env"]["clang"] = clang_version
+        elif doc["error"]["type"] == "BackendUnavailable":
+            unavailable += 1
+        else:
+            problems.append(f"{req['loader']}: {doc['error']['type']}: {doc['error']['message']}")
+        line, found = _describe(doc, args.vm_cpus)
+        problems += found
+        print(f"  {line}")
+    if unavailable == len(docs):
+        raise Failure(EXIT_UNAVAILABLE, "vm backend unavailable: no loader could run in the guest")
+    if problems:
+        raise Failure(EXIT_WRONG, "smoke failed: " + "; ".join(problems))
+    print("vm: smoke ok")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        from backends.vm.runner import VmError, VmUnavailable
+
+        args = build_parser().parse_args(argv)
+        try:
+            return cmd_smoke(args)
+        except VmUnavailable as e:
+            raise Failure(EXIT_UNAVAILABLE, f"vm backend unavailable: {e}") from None
+        except VmError as e:
+            raise Failure(EXIT_VM, f"vm failed: {e}", e.console_tail) from None
+    except Failure as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        if e.detail:
+            print("--- guest console (last lines) ---", file=sys.stderr)
+            print(e.detail, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the contract is one line, never a traceback
+        print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
