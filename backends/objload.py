@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from toolchain.btf import Btf, BtfError, fixup_datasecs
+from toolchain.btf import LINKAGE_STATIC, Btf, BtfError, fixup_datasecs
 from toolchain.elf import Function, ObjectFacts, Section
 from toolchain.insn import BPF_CALL, BPF_JMP, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, Insn
 
@@ -364,7 +364,8 @@ def prepare(facts: ObjectFacts, profile: LoaderProfile) -> PreparedObject:
             mtype, flags = BPF_MAP_TYPE_PERCPU_ARRAY, 0  # never MMAPABLE/RDONLY_PROG, never frozen [S]
         else:
             mtype = BPF_MAP_TYPE_ARRAY
-            flags = BPF_F_MMAPABLE | (BPF_F_RDONLY_PROG if kind == _RODATA else 0)
+            flags = ((BPF_F_MMAPABLE if _mmapable(fixed, sec.name) else 0)
+                     | (BPF_F_RDONLY_PROG if kind == _RODATA else 0))
         section_map[idx] = len(maps)
         maps.append(MapSpec(name=name, kernel_name=kernel_name, section=sec.name, type=mtype, key_size=4,
                             value_size=size, max_entries=1, flags=flags, internal=True, initial=image,
@@ -376,6 +377,15 @@ def prepare(facts: ObjectFacts, profile: LoaderProfile) -> PreparedObject:
     links = _collect_relos(facts, maps, section_map, maps_sec)
     programs = [_link(facts, fn, links) for fn in programs_in_load_order(facts)]
     return PreparedObject(obj_name, maps, programs, variables, skipped, log)
+
+
+def _mmapable(btf: Btf | None, section: str) -> bool:
+    """libbpf's map_is_mmapable(): only a section whose DATASEC holds a non-static variable is mmap()ed
+    (a section of static variables only, or one without BTF, is not) [V, measured on libbpf 1.1.2]."""
+    if btf is None or section not in btf.datasecs():
+        return False
+    return any(btf.get(v.type_id).kind == "var" and btf.get(v.type_id).linkage != LINKAGE_STATIC
+               for v in btf.datasecs()[section].var_secinfos)
 
 
 def _variables(facts: ObjectFacts, fixed: Btf | None, data_maps: Sequence[MapSpec]

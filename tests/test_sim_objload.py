@@ -325,3 +325,19 @@ def test_btf_defined_map_and_map_fd_relocation(clang):
     fd_relo = next(r for r in p.programs[0].relos if r.kind == "map_fd")
     insn = resolve(p.programs[0], [7, 8])[fd_relo.insn_index]
     assert (insn.src, insn.imm) == (BPF_PSEUDO_MAP_FD, 7)
+
+
+def test_sections_of_static_variables_only_are_not_mmapable(clang):
+    # libbpf 1.1.2 measured on this layout: st.data 0x0, .data.st 0x0, st.rodata 0x80, .data.mix 0x400, st.bss 0x0
+    p = prepared(clang, "st", """
+        static int s1 __attribute__((used)) = 3;
+        static int s2 SEC(".data.st") __attribute__((used)) = 4;
+        static const volatile int r1 __attribute__((used)) = 5;
+        static int b1 __attribute__((used));
+        int g SEC(".data.mix") = 1;
+        static int s3 SEC(".data.mix") __attribute__((used)) = 2;
+
+        SEC("raw_tp") int p(void *ctx) { s1++; s2++; b1++; s3 += r1; g++; return 0; }
+    """, "old")
+    assert {m.name: m.flags for m in p.maps} == {
+        "st.data": 0, ".data.st": 0, "st.rodata": BPF_F_RDONLY_PROG, ".data.mix": BPF_F_MMAPABLE, "st.bss": 0}

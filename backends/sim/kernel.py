@@ -374,7 +374,7 @@ class SimKernel:
             raise SimError(errno.EOPNOTSUPP, f"unsupported by the simulator: program type {prog_type}",
                            "sim_unsupported")
 
-        def addr_of(info: vf._LdImm) -> int:
+        def addr_of(info: vf.MapRef) -> int:
             return info.map.handle if info.kind == "map" else info.map.value_addr(info.off)
 
         try:
@@ -382,11 +382,13 @@ class SimKernel:
                                  nr_cpu_ids=self.possible_cpus, fd_array=fd_array, prog_type=prog_type)
         except vf.VerifierError as e:
             raise SimError(e.errno, e.message, e.message_class, e.log) from None
-        fd = self._new_fd(SimProg(self._next_fd, name, prog_type, verified.insns, verified.xlated_insns,
-                                  verified.log))
+        prog = SimProg(self._next_fd, name, prog_type, verified.insns, verified.xlated_insns, verified.log)
+        fd = self._new_fd(prog)
         return fd, verified.xlated_insns, verified.log
 
     def prog_xlated(self, fd: int) -> list[Insn]:
+        """The program as it runs: map references resolved to addresses (the kernel's dump shows map ids
+        there instead) and helper calls not inlined (xlated_insns counts the inlining)."""
         return list(self.prog(fd).insns)
 
     def test_run(self, prog_fd: int, cpu: int | None = None) -> int:

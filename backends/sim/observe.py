@@ -102,8 +102,8 @@ class _Load:
                 raise ValueError(f"initial value for unknown map {name!r}") from None
             # an internal map's image is replaced as by bpf_map__set_initial_value (exact size); a .maps map
             # gets a user-space write, zero-padded, since a lowered struct may be longer than its section
-            exact = spec.internal or spec.type != BPF_MAP_TYPE_PERCPU_ARRAY and spec.type != BPF_MAP_TYPE_ARRAY
-            if len(value) != spec.value_size if exact else len(value) > spec.value_size:
+            exact = spec.internal or spec.type not in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
+            if (len(value) != spec.value_size) if exact else (len(value) > spec.value_size):
                 raise ValueError(f"initial value for {name!r} has {len(value)} bytes, value_size is "
                                  f"{spec.value_size}")
             images[self.prepared.maps.index(spec)] = bytes(value) + bytes(spec.value_size - len(value))
@@ -126,13 +126,18 @@ class _Load:
             try:
                 fd = self.kernel.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries,
                                             spec.flags, spec.kernel_name)
-                self.map_fds.append(fd)
-                self.created.append(True)
-                self._populate(i, spec, fd)
             except SimError as e:
                 self.map_errors[i] = e
                 self.map_fds.append(-1)
                 self.created.append(False)
+                self.ok = False
+                continue
+            self.map_fds.append(fd)
+            self.created.append(True)
+            try:
+                self._populate(i, spec, fd)
+            except SimError as e:  # libbpf: "failed to set initial contents" ends the load as well
+                self.map_errors[i] = e
                 self.ok = False
 
     def _populate(self, index: int, spec: MapSpec, fd: int) -> None:

@@ -393,8 +393,10 @@ class VerifiedProgram:
 
 
 @dataclass
-class _LdImm:
-    kind: str  # "value" or "map"
+class MapRef:
+    """What a resolved ld_imm64 refers to: a map ("map") or a byte of its value ("value")."""
+
+    kind: str
     map: SimMap
     off: int
 
@@ -543,7 +545,7 @@ class Verifier:
         self.fd_array = fd_array
         self.prog_type = prog_type
         self.log: list[str] = []
-        self.ldimm: dict[int, _LdImm] = {}
+        self.ldimm: dict[int, MapRef] = {}
         self.maps: dict[int, SimMap] = {}  # fd -> map, every map the program references
         self.seen: set[int] = set()
         self.lookup_sites: dict[int, set[int]] = {}  # helper call pc -> fds of the maps it looked up
@@ -608,14 +610,14 @@ class Verifier:
             m = found
             self.maps[fd] = m
             if src in (isa.BPF_PSEUDO_MAP_FD, isa.BPF_PSEUDO_MAP_IDX):
-                self.ldimm[pc] = _LdImm("map", m, 0)
+                self.ldimm[pc] = MapRef("map", m, 0)
                 continue
             off = second.imm & U32
             if off >= BPF_MAX_VAR_OFF:
                 raise self.fail(errno.EINVAL, f"direct value offset of {off} is not allowed",
                                 "offset_out_of_range")
             self.direct_value_addr(m, off)
-            self.ldimm[pc] = _LdImm("value", m, off)
+            self.ldimm[pc] = MapRef("value", m, off)
 
     def direct_value_addr(self, m: SimMap, off: int) -> None:
         """The map type's map_direct_value_addr(): who allows `&value[off]` as a constant."""
@@ -720,10 +722,7 @@ class Verifier:
 
     # state helpers
 
-    def reg(self, frames: tuple[Frame, ...], r: int) -> Value:
-        return frames[-1].regs[r]
-
-    def read_reg(self, frames: tuple[Frame, ...], r: int, pc: int) -> Value:
+    def read_reg(self, frames: tuple[Frame, ...], r: int) -> Value:
         v = frames[-1].regs[r]
         if v is None:
             raise self.fail(errno.EACCES, f"R{r} !read_ok", "verifier_other")
@@ -782,7 +781,7 @@ class Verifier:
                 if insn.off:
                     raise self.fail(errno.EINVAL, "BPF_MOV uses reserved fields", "verifier_other")
                 return const(insn.imm if is64 else insn.imm & U32)
-            src = self.read_reg(frames, insn.src, pc)
+            src = self.read_reg(frames, insn.src)
             if insn.off == 0:
                 if is64:
                     return src
@@ -799,7 +798,7 @@ class Verifier:
                     return src
                 return srange(-half, half - 1) if is64 else UNKNOWN32
             raise self.fail(errno.EINVAL, "BPF_MOV uses reserved fields", "verifier_other")
-        dst = self.read_reg(frames, insn.dst, pc)
+        dst = self.read_reg(frames, insn.dst)
         if op in (isa.BPF_NEG, isa.BPF_END):
             if not isinstance(dst, Scalar):
                 raise _unsupported(f"{'neg' if op == isa.BPF_NEG else 'byte swap'} of a pointer at insn {pc}")
@@ -815,7 +814,7 @@ class Verifier:
                 return urange(0, min(dst.umax, (1 << insn.imm) - 1))
             return UNKNOWN if is64 else UNKNOWN32
         if use_x:
-            src = self.read_reg(frames, insn.src, pc)
+            src = self.read_reg(frames, insn.src)
         else:
             src = const(insn.imm if is64 else insn.imm & U32)
         if isinstance(dst, Scalar) and isinstance(src, Scalar):
@@ -863,20 +862,20 @@ class Verifier:
                 raise _unsupported(f"load mode {insn.code:#04x} at insn {pc}")
             if insn.dst == 10:
                 raise self.fail(errno.EACCES, "frame pointer is read only", "verifier_other")
-            base = self.read_reg(frames, insn.src, pc)
+            base = self.read_reg(frames, insn.src)
             value, frames = self.access(pc, frames, insn.src, base, insn.off, size, write=False,
                                         signed=mode == isa.BPF_MEMSX)
             return self.with_regs(frames, {insn.dst: value})
         if cls == isa.BPF_ST:
             if mode != isa.BPF_MEM:
                 raise _unsupported(f"store mode {insn.code:#04x} at insn {pc}")
-            base = self.read_reg(frames, insn.dst, pc)
+            base = self.read_reg(frames, insn.dst)
             _, frames = self.access(pc, frames, insn.dst, base, insn.off, size, write=True,
                                     stored=const(insn.imm))
             return frames
         if mode == isa.BPF_MEM:
-            stored = self.read_reg(frames, insn.src, pc)
-            base = self.read_reg(frames, insn.dst, pc)
+            stored = self.read_reg(frames, insn.src)
+            base = self.read_reg(frames, insn.dst)
             _, frames = self.access(pc, frames, insn.dst, base, insn.off, size, write=True, stored=stored)
             return frames
         if mode == isa.BPF_ATOMIC and size in (4, 8):
@@ -884,12 +883,12 @@ class Verifier:
             if aop not in (isa.BPF_ADD, isa.BPF_OR, isa.BPF_AND, isa.BPF_XOR, isa.BPF_XCHG, isa.BPF_CMPXCHG) \
                     and aop & ~isa.BPF_FETCH not in (isa.BPF_ADD, isa.BPF_OR, isa.BPF_AND, isa.BPF_XOR):
                 raise _unsupported(f"atomic operation {aop:#x} at insn {pc}")
-            src = self.read_reg(frames, insn.src, pc)
+            src = self.read_reg(frames, insn.src)
             if not isinstance(src, Scalar):
                 raise _unsupported(f"atomic operation with a pointer operand at insn {pc}")
             if aop == isa.BPF_CMPXCHG:
-                self.read_reg(frames, 0, pc)
-            base = self.read_reg(frames, insn.dst, pc)
+                self.read_reg(frames, 0)
+            base = self.read_reg(frames, insn.dst)
             _, frames = self.access(pc, frames, insn.dst, base, insn.off, size, write=False)
             _, frames = self.access(pc, frames, insn.dst, base, insn.off, size, write=True, stored=UNKNOWN)
             if aop == isa.BPF_CMPXCHG:
@@ -970,7 +969,7 @@ class Verifier:
     def check_mem_arg(self, frames: tuple[Frame, ...], regno: int, size: int, *, write: bool,
                       pc: int) -> None:
         """A helper argument that points to `size` bytes of memory."""
-        ptr = self.read_reg(frames, regno, pc)
+        ptr = self.read_reg(frames, regno)
         if not isinstance(ptr, Ptr) or ptr.kind not in (STACK, MAP_VALUE):
             raise self.fail(errno.EACCES, f"R{regno} type={type_name(ptr)} expected=fp, map_value",
                             "verifier_other")
@@ -1010,8 +1009,8 @@ class Verifier:
         if op not in _NEGATE and op != isa.BPF_JSET:
             raise _unsupported(f"jump opcode {insn.code:#04x} at insn {pc}")
         target = pc + 1 + insn.off
-        a = self.read_reg(frames, insn.dst, pc)
-        b = self.read_reg(frames, insn.src, pc) if insn.code & isa.BPF_X else const(
+        a = self.read_reg(frames, insn.dst)
+        b = self.read_reg(frames, insn.src) if insn.code & isa.BPF_X else const(
             insn.imm if not is32 else insn.imm & U32)
         taken, fall = self.split(pc, op, insn, frames, a, b, is32)
         out = []
@@ -1079,7 +1078,7 @@ class Verifier:
 
     def exit(self, pc: int, frames: tuple[Frame, ...]) -> list[tuple[int, tuple[Frame, ...]]]:
         if len(frames) == 1:
-            self.read_reg(frames, 0, pc)
+            self.read_reg(frames, 0)
             return []  # a raw_tp program's return value is not range-checked; root may return a pointer
         # a subprogram may leave R0 unset (clang does when no caller uses the result); only a read fails
         r0 = frames[-1].regs[0]
@@ -1095,7 +1094,7 @@ class Verifier:
     # helpers
 
     def map_arg(self, frames: tuple[Frame, ...], regno: int, pc: int, func: int) -> SimMap:
-        v = self.read_reg(frames, regno, pc)
+        v = self.read_reg(frames, regno)
         if not isinstance(v, Ptr) or v.kind != MAP_PTR:
             raise self.fail(errno.EACCES, f"R{regno} type={type_name(v)} expected=map_ptr", "verifier_other")
         m = self.maps[v.map_fd]
@@ -1126,7 +1125,7 @@ class Verifier:
         elif func == BPF_FUNC_get_smp_processor_id:
             ret = urange(0, self.nr_cpu_ids - 1)  # do_refine_retval_range [D]
         elif func == BPF_FUNC_tail_call:
-            ctx = self.read_reg(frames, 1, pc)
+            ctx = self.read_reg(frames, 1)
             if not isinstance(ctx, Ptr) or ctx.kind != CTX or ctx.off:
                 raise self.fail(errno.EACCES, f"R1 type={type_name(ctx)} expected=ctx", "verifier_other")
             self.map_arg(frames, 2, pc, func)
@@ -1139,12 +1138,12 @@ class Verifier:
             ret = srange(-(1 << 31), (1 << 31) - 1)
         else:  # bpf_snprintf(str, str_size, fmt, data, data_len)
             size = self.size_arg(frames, 2, pc)
-            out = self.read_reg(frames, 1, pc)
+            out = self.read_reg(frames, 1)
             if not (size == 0 and isinstance(out, Scalar) and out.is_const and out.value == 0):
                 self.check_mem_arg(frames, 1, size, write=True, pc=pc)
             fmt = self.const_str_arg(frames, 3, pc)
             data_len = self.size_arg(frames, 5, pc)
-            data = self.read_reg(frames, 4, pc)
+            data = self.read_reg(frames, 4)
             if not (data_len == 0 and isinstance(data, Scalar)):
                 self.check_mem_arg(frames, 4, data_len, write=False, pc=pc)
             if data_len % 8 or not _format_ok(fmt, data_len // 8):
@@ -1154,7 +1153,7 @@ class Verifier:
         return self.with_regs(frames, regs)
 
     def scalar_arg(self, frames: tuple[Frame, ...], regno: int, pc: int) -> Scalar:
-        v = self.read_reg(frames, regno, pc)
+        v = self.read_reg(frames, regno)
         if not isinstance(v, Scalar):
             raise self.fail(errno.EACCES, f"R{regno} type={type_name(v)} expected=scalar", "verifier_other")
         return v
@@ -1168,7 +1167,7 @@ class Verifier:
 
     def const_str_arg(self, frames: tuple[Frame, ...], regno: int, pc: int) -> bytes:
         """check_reg_const_str: a NUL-terminated string in a frozen read-only map, at a constant offset."""
-        v = self.read_reg(frames, regno, pc)
+        v = self.read_reg(frames, regno)
         if not isinstance(v, Ptr) or v.kind != MAP_VALUE:
             raise self.fail(errno.EACCES, f"R{regno} type={type_name(v)} expected=map_value", "verifier_other")
         m = self.maps[v.map_fd]
@@ -1188,7 +1187,7 @@ class Verifier:
 
     # -- phase 5: rewrites --------------------------------------------------------------------------------------
 
-    def rewrite(self, addr_of: Callable[[_LdImm], int]) -> tuple[list[Insn], int, int]:
+    def rewrite(self, addr_of: Callable[[MapRef], int]) -> tuple[list[Insn], int, int]:
         """(runnable program, xlated instruction count, per-CPU moves inserted)."""
         insns = list(self.insns)
         n = len(insns)
@@ -1204,7 +1203,7 @@ class Verifier:
             elif pc + 1 + insn.off not in seen:
                 insns[pc] = NOP
         # constants for the runnable program (positions still old)
-        aux: dict[int, _LdImm] = dict(self.ldimm)
+        aux: dict[int, MapRef] = dict(self.ldimm)
         for pc, info in aux.items():
             value = addr_of(info)
             insns[pc] = Insn(isa.LD_IMM64, insns[pc].dst, 0, 0, _s32(value & U32))
@@ -1272,7 +1271,7 @@ def _format_ok(fmt: bytes, nargs: int) -> bool:
 
 
 def verify(insns: Sequence[Insn], *, profile: KernelProfile, map_by_fd: Callable[[int], SimMap | str | None],
-           addr_of: Callable[[_LdImm], int], nr_cpu_ids: int, fd_array: Sequence[int] | None = None,
+           addr_of: Callable[[MapRef], int], nr_cpu_ids: int, fd_array: Sequence[int] | None = None,
            prog_type: str = "raw_tp") -> VerifiedProgram:
     """Check `insns` as the kernel profile's verifier would; raise VerifierError with its message."""
     v = Verifier(insns, profile=profile, map_by_fd=map_by_fd, nr_cpu_ids=nr_cpu_ids, fd_array=fd_array,

@@ -13,6 +13,7 @@ is the one place both sides can write and which every guest mount layout keeps v
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -381,22 +383,29 @@ class VmSession:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(self.vng.parent), env.get("PATH", os.defpath)])  # vng runs virtme-run
         start = time.monotonic()
-        with open(console, "wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=PROJECT_ROOT, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=self.config.timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                self.vm_seconds = time.monotonic() - start
-                text = console.read_text(errors="replace")
-                self.last_console = text
-                raise VmError(f"guest timed out after {self.config.timeout:g}s (killed)", _tail(text)) from None
-            except BaseException:
-                _kill_group(proc)
-                raise
-            finally:
-                _reap_group(proc)
+        # A pipe, not the file: QEMU reopens its stdout for the guest's output channels, and a reopened file
+        # would be written from offset 0 over the kernel log, while a reopened pipe keeps one ordered stream.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, cwd=PROJECT_ROOT, start_new_session=True)
+        assert proc.stdout is not None
+        copier = threading.Thread(target=_copy, args=(proc.stdout, console), daemon=True)
+        copier.start()
+        try:
+            rc = proc.wait(timeout=self.config.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            self.vm_seconds = time.monotonic() - start
+            copier.join(_KILL_GRACE)
+            text = console.read_text(errors="replace")
+            self.last_console = text
+            raise VmError(f"guest timed out after {self.config.timeout:g}s (killed)", _tail(text)) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            _reap_group(proc)
+            copier.join(_KILL_GRACE)
+            proc.stdout.close()
         self.vm_seconds = time.monotonic() - start
         return rc
 
@@ -480,6 +489,13 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _copy(stream: io.BufferedReader, path: Path) -> None:
+    with open(path, "wb") as out:
+        while chunk := stream.read1(65536):
+            out.write(chunk)
+            out.flush()
 
 
 def _reap_group(proc: subprocess.Popen[bytes]) -> None:
