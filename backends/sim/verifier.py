@@ -58,6 +58,9 @@ HELPER_NAMES = {1: "bpf_map_lookup_elem", 2: "bpf_map_update_elem", 8: "bpf_get_
 NOP = Insn(isa.BPF_JMP | isa.BPF_JA)
 
 
+ENOTSUPP = 524
+
+
 class VerifierError(Exception):
     """A rejected load: errno, the verifier's last message, its normalised class and the whole log."""
 
@@ -628,9 +631,12 @@ class Verifier:
             checks = self.profile.percpu_direct_value_checks
         else:
             raise self.fail(errno.EINVAL, self.msg("no_direct_value"), "no_direct_value_access")
+        # ARRAY refuses a shape with the kernel-internal ENOTSUPP, which reaches user space [measured on 6.18];
+        # the per-CPU version is written with EOPNOTSUPP [V]
+        unsupported = ENOTSUPP if m.type == BPF_MAP_TYPE_ARRAY else errno.EOPNOTSUPP
         for check in checks:
             if check == "max_entries" and m.max_entries != 1:
-                raise self.fail(errno.EOPNOTSUPP, bad_ptr, "direct_value_unsupported")
+                raise self.fail(unsupported, bad_ptr, "direct_value_unsupported")
             if check == "jit" and not self.profile.percpu_insn_jit:
                 raise self.fail(errno.EOPNOTSUPP, bad_ptr, "direct_value_unsupported")
             if check == "offset" and off >= m.value_size:
@@ -1175,7 +1181,7 @@ class Verifier:
             # the patched kernel refuses it before the read-only check [V/S]
             raise self.fail(errno.EACCES, self.msg("const_str_percpu", regno), "const_str_percpu")
         if not (m.flags & BPF_F_RDONLY_PROG and m.frozen):
-            raise self.fail(errno.EACCES, f"R{regno} does not point to a readonly map'", "verifier_other")
+            raise self.fail(errno.EACCES, f"R{regno} does not point to a readonly map'", "const_str_not_rdonly")
         if m.type != BPF_MAP_TYPE_ARRAY:
             raise self.fail(errno.EACCES, self.msg("no_direct_value"), "no_direct_value_access")
         self.map_access(pc, regno, v, 0, 1, write=False)

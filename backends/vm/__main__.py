@@ -15,8 +15,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+if TYPE_CHECKING:
+    from backends.vm.runner import VmSession
+
+LOADERS = ("libbpf", "raw")
 EXIT_OK, EXIT_WRONG, EXIT_INPUT, EXIT_TOOLCHAIN, EXIT_UNAVAILABLE, EXIT_VM = 0, 1, 2, 3, 4, 5
 
 # Returns the CPU it ran on, so each run shows test_run really ran where it was asked to.
@@ -96,38 +100,46 @@ def _describe(doc: dict[str, Any], cpus: int) -> tuple[str, list[str]]:
     return line, problems
 
 
-def cmd_smoke(args: argparse.Namespace) -> int:
+def run_smoke(image: Path | None = None, *, modules: Path | None = None, cpus: int = 2, memory: str = "1G",
+              timeout: float = 300.0, clang: str | None = None) -> tuple[VmSession, list[dict[str, Any]]]:
+    """Boot once and observe the built-in object through both loaders, one run on each guest CPU."""
     from backends.vm.runner import VmConfig, VmSession, default_kernel_image
 
+    obj, clang_version = _compile(clang)
+    session = VmSession(VmConfig(kernel_image=image or default_kernel_image(), modules=modules, cpus=cpus,
+                                 memory=memory, timeout=timeout))
+    print(f"vm: {session.accel_notice}", flush=True)
+    print(f"vm: booting {session.config.kernel_image} ({session.release or 'release unknown'}) with {cpus} vCPUs, "
+          f"{memory}", flush=True)
+    runs = [["touch", cpu, 1] for cpu in range(cpus)]
+    docs = session.run_batch([{"object": str(obj), "loader": loader, "runs": runs, "initial_values": {}}
+                              for loader in LOADERS])
+    for loader, doc in zip(LOADERS, docs, strict=True):
+        doc.setdefault("loader", loader)
+        if "error" not in doc:
+            doc["env"]["clang"] = clang_version
+    return session, docs
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
     if args.vm_cpus < 1:
         raise Failure(EXIT_INPUT, f"--vm-cpus {args.vm_cpus}: want >= 1")
     if args.vm_timeout <= 0:
         raise Failure(EXIT_INPUT, f"--vm-timeout {args.vm_timeout:g}: want > 0")
-    image = args.kernel_image or default_kernel_image()
-    obj, clang_version = _compile(args.clang)
-    session = VmSession(VmConfig(kernel_image=image, modules=args.modules, cpus=args.vm_cpus,
-                                 memory=args.vm_memory, timeout=args.vm_timeout))
-    print(f"vm: {session.accel_notice}", flush=True)
-    print(f"vm: booting {image} ({session.release or 'release unknown'}) with {args.vm_cpus} vCPUs, "
-          f"{args.vm_memory}", flush=True)
-    runs = [["touch", cpu, 1] for cpu in range(args.vm_cpus)]
-    requests = [{"object": str(obj), "loader": loader, "runs": runs, "initial_values": {}}
-                for loader in ("libbpf", "raw")]
-    docs = session.run_batch(requests)
+    session, docs = run_smoke(args.kernel_image, modules=args.modules, cpus=args.vm_cpus, memory=args.vm_memory,
+                              timeout=args.vm_timeout, clang=args.clang)
     guest = session.guest or {}
     probe = guest.get("probe", {})
     print(f"vm: guest kernel {guest.get('kernel_release')}, features {probe.get('features')}, "
           f"{session.vm_seconds:.1f}s boot+run+shutdown (agent {guest.get('agent_seconds')}s)")
     problems: list[str] = []
     unavailable = 0
-    for req, doc in zip(requests, docs, strict=True):
-        doc.setdefault("loader", req["loader"])
-        if "error" not in doc:
-            doc["env"]["clang"] = clang_version
-        elif doc["error"]["type"] == "BackendUnavailable":
-            unavailable += 1
-        else:
-            problems.append(f"{req['loader']}: {doc['error']['type']}: {doc['error']['message']}")
+    for doc in docs:
+        if "error" in doc:
+            if doc["error"]["type"] == "BackendUnavailable":
+                unavailable += 1
+            else:
+                problems.append(f"{doc['loader']}: {doc['error']['type']}: {doc['error']['message']}")
         line, found = _describe(doc, args.vm_cpus)
         problems += found
         print(f"  {line}")
