@@ -67,6 +67,8 @@ class LoaderProfile:
     percpu_kernel_name: str
     # merged libbpf probes FEAT_PERCPU_DATA and clears autocreate of .percpu maps without it [S]
     probes_percpu_feature: bool
+    # libbpf tears every map down when the object fails to load; the suite's raw loader keeps them readable
+    keeps_maps_on_failure: bool = False
 
     def is_percpu_section(self, name: str) -> bool:
         return self.knows_percpu and (name in self.percpu_exact
@@ -81,7 +83,8 @@ LOADER_PROFILES: dict[str, LoaderProfile] = {
         # libbpf <= 1.7 (Debian ships 1.1.2): no notion of .percpu [V, measured]
         LoaderProfile("old", False, (), (), 1, "internal", "internal", False),
         # the suite's own raw loader: merged semantics, creates every map without probing
-        LoaderProfile("raw", True, (".percpu",), (".percpu.",), 1, "section", "section15", False),
+        LoaderProfile("raw", True, (".percpu",), (".percpu.",), 1, "section", "section15", False,
+                      keeps_maps_on_failure=True),
     )
 }
 

@@ -162,6 +162,13 @@ class _Load:
             self.verdicts[prog.name] = self._load_one(prog)
 
     def _load_one(self, prog: ProgSpec) -> dict[str, Any]:
+        missing = [self.prepared.maps[r.map_index] for r in prog.relos if not self.created[r.map_index]]
+        if missing:
+            # libbpf poisons an ld_imm64 of a map it did not create (poison_map_ldimm64: a call to the unknown
+            # helper 2001000000 + map index); the kernel refuses it with EINVAL and libbpf rewrites the log [V]
+            self.ok = False
+            return program_entry(prog.name, "rejected", errno=errno.EINVAL, message_class="map_not_created",
+                                 message=f"BPF map '{missing[0].name}' is referenced but wasn't created")
         prog_type = prog_type_of(prog.section)
         if prog_type is None:
             self.ok = False
@@ -178,8 +185,13 @@ class _Load:
         self.prog_fds[prog.name] = fd
         return program_entry(prog.name, "accepted", xlated_insns=xlated)
 
+    @property
+    def maps_kept(self) -> bool:
+        """A failed load tears the object down (libbpf's bpf_object_unload) unless the loader keeps maps."""
+        return self.ok or self.loader.keeps_maps_on_failure
+
     def contents(self) -> list[list[str] | None]:
-        return [_slots(self.kernel, fd, spec) if self.ok and ok else None
+        return [_slots(self.kernel, fd, spec) if self.maps_kept and ok else None
                 for fd, ok, spec in zip(self.map_fds, self.created, self.prepared.maps, strict=True)]
 
 
@@ -190,7 +202,7 @@ def _map_entries(prepared: PreparedObject, load: _Load | None, before: Sequence[
         entry = map_entry(name=spec.name, kernel_name=spec.kernel_name, section=spec.section,
                           type=MAP_TYPE_NAMES.get(spec.type, f"type{spec.type}"), key_size=spec.key_size,
                           value_size=spec.value_size, max_entries=spec.max_entries, flags=spec.flags,
-                          internal=spec.internal, created=bool(load and load.created[i]),
+                          internal=spec.internal, created=bool(load and load.created[i] and load.maps_kept),
                           before=before[i], after=after[i])
         err = load.map_errors.get(i) if load else None
         if err is not None:
@@ -224,7 +236,7 @@ def observe(obj_path: str | Path, *, profile: str = "merged", possible_cpus: int
         result["open"] = {"ok": False, "error_class": e.error_class, "message": e.message, "errno": e.errno}
         result["programs"] = [program_entry(f.name, "not_loaded", errno=None)
                               for f in programs_in_load_order(facts)]
-        result["runs"] = [{"program": p, "cpu": c, "count": n, "retval": None} for p, c, n in runs]
+        result["runs"] = []  # no object: nothing to run (as the oracle and the kernel backend report it)
         return result
     result["variables"] = [{"name": n, "section": s, "offset": o, "size": z} for n, s, o, z in prepared.variables]
     load = _Load(prepared, loader, kernel, initial_values or {})

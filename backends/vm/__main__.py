@@ -15,10 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-if TYPE_CHECKING:
-    from backends.vm.runner import VmSession
+from backends.vm.runner import VmConfig, VmError, VmSession, VmUnavailable, default_kernel_image
 
 LOADERS = ("libbpf", "raw")
 EXIT_OK, EXIT_WRONG, EXIT_INPUT, EXIT_TOOLCHAIN, EXIT_UNAVAILABLE, EXIT_VM = 0, 1, 2, 3, 4, 5
@@ -103,8 +102,6 @@ def _describe(doc: dict[str, Any], cpus: int) -> tuple[str, list[str]]:
 def run_smoke(image: Path | None = None, *, modules: Path | None = None, cpus: int = 2, memory: str = "1G",
               timeout: float = 300.0, clang: str | None = None) -> tuple[VmSession, list[dict[str, Any]]]:
     """Boot once and observe the built-in object through both loaders, one run on each guest CPU."""
-    from backends.vm.runner import VmConfig, VmSession, default_kernel_image
-
     obj, clang_version = _compile(clang)
     session = VmSession(VmConfig(kernel_image=image or default_kernel_image(), modules=modules, cpus=cpus,
                                  memory=memory, timeout=timeout))
@@ -153,8 +150,6 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        from backends.vm.runner import VmError, VmUnavailable
-
         args = build_parser().parse_args(argv)
         try:
             return cmd_smoke(args)

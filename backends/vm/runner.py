@@ -442,7 +442,8 @@ class VmSession:
         self.last_console = text
         if "Kernel panic" in text:
             line = next(ln for ln in text.splitlines() if "Kernel panic" in ln)
-            raise VmError(f"guest kernel panicked: {_one_line(line)}", _tail(text))
+            reason = line[line.index("Kernel panic") + len("Kernel panic"):].lstrip(" -")
+            raise VmError(f"guest kernel panicked: {_one_line(reason)}", _tail(text))
         try:
             answer = json.loads((scratch / "results.json").read_text())
         except (OSError, ValueError):
