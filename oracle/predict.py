@@ -9,6 +9,7 @@ wrong runtime both show up as differences.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from generators.ctype import init_slots, round_up
 from generators.model import ProgramModel, Variable
@@ -114,7 +115,10 @@ def referencing_relocations(facts: ObjectFacts, section: str) -> list[tuple[str,
 
 
 def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possible_cpus: int,
-            online_cpus: list[int], clang: str | None = None) -> Result:
+            online_cpus: list[int], clang: str | None = None,
+            initial_images: Mapping[str, bytes] | None = None) -> Result:
+    """`initial_images`: section → the value set with bpf_map__set_initial_value before load (it replaces
+    the image on every CPU [V])."""
     libbpf, kernel = profile.libbpf, profile.kernel
     env = new_env(profile.name, clang=clang, possible_cpus=possible_cpus, online_cpus=list(online_cpus),
                   libbpf=libbpf.version,
@@ -150,7 +154,9 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
         for v in members:
             result["variables"].append({"name": v.name, "section": section, "offset": _offset(facts, v),
                                         "size": v.type.size})
-        machine.add_section(section, _image(members, facts, section, size), percpu=kind == KIND_PERCPU)
+        image = bytearray(initial_images[section]) if initial_images and section in initial_images else \
+            _image(members, facts, section, size)
+        machine.add_section(section, image, percpu=kind == KIND_PERCPU)
         name, kernel_name = _map_names(kind, section, obj_name, libbpf)
         percpu = kind == KIND_PERCPU
         value_size = round_up(size, libbpf.percpu_value_align) if percpu else size
