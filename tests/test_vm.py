@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -310,7 +311,7 @@ def test_agent_plumbing_on_this_host(tmp_path, fake_env, smoke_object):
     assert data["before"] == ["2a000000"] and data["after"] == ["2b000000"]
     assert bad_doc["error"]["type"] and bad_doc["object"]["path"] == str(bad)
     assert session.guest["probe"]["bpf_usable"] is True
-    assert "percpu-vm: 3/3 bad.o [libbpf] error" in session.last_console
+    assert re.search(r"percpu-vm: \[ *[0-9.]+s\] 3/3 bad.o \[libbpf\] error", session.last_console)
 
 
 def test_agent_reports_a_fatal_failure(tmp_path):

@@ -138,12 +138,29 @@ class ObjectFacts:
                                                                                         "SHT_NOBITS")]
 
 
+_CACHE: dict[tuple[str, int, int, int], ObjectFacts] = {}
+_CACHE_LIMIT = 256
+
+
 def read_object(path: str | Path) -> ObjectFacts:
+    """Facts of one object; memoised by (path, inode, size, mtime) since every stage reads the same file."""
     path = Path(path)
     try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _CACHE:
+            return _CACHE[key]
         raw = path.read_bytes()
     except OSError as e:
         raise ObjectError(f"{path}: cannot read: {e.strerror}") from None
+    facts = _read(path, raw)
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = facts
+    return facts
+
+
+def _read(path: Path, raw: bytes) -> ObjectFacts:
     try:
         return _parse(path, raw)
     except (ELFError, ValueError, KeyError, IndexError, AttributeError) as e:
@@ -160,14 +177,15 @@ def _parse(path: Path, raw: bytes) -> ObjectFacts:
         raise ObjectError(f"{path}: not a BPF object (machine {elf['e_machine']})")
     sections: list[Section] = []
     by_index = {}
-    for i, sec in enumerate(elf.iter_sections()):
+    elf_sections = list(elf.iter_sections())
+    for i, sec in enumerate(elf_sections):
         if i == 0:
             continue
         data = bytes(sec["sh_size"]) if sec["sh_type"] == "SHT_NOBITS" else sec.data()
         s = Section(i, sec.name, sec["sh_type"], sec["sh_flags"], sec["sh_size"], data)
         sections.append(s)
         by_index[i] = s
-    symtab = elf.get_section_by_name(".symtab")
+    symtab = next((sec for sec in elf_sections if sec.name == ".symtab"), None)
     if symtab is None:
         raise ObjectError(f"{path}: no symbol table")
     symbols = []
@@ -180,14 +198,15 @@ def _parse(path: Path, raw: bytes) -> ObjectFacts:
         symbols.append(Symbol(i, name, shndx, sym["st_value"], sym["st_size"], sym["st_info"]["bind"],
                               sym["st_info"]["type"], sym["st_other"]["visibility"]))
     relocs: dict[str, list[Reloc]] = {}
-    for sec in elf.iter_sections():
-        if not isinstance(sec, RelocationSection) or sec.name.startswith(".rel.BTF"):
+    for sec in elf_sections:
+        if not isinstance(sec, RelocationSection):
             continue
         target = by_index.get(sec["sh_info"])
-        if target is None:
+        # only code and .maps relocations matter to a loader; debug sections carry thousands of them
+        if target is None or not (target.executable or target.name == ".maps"):
             continue
         relocs[target.name] = [Reloc(r["r_offset"], symbols[r["r_info_sym"]], r["r_info_type"])
                                for r in sec.iter_relocations()]
-    btf = elf.get_section_by_name(".BTF")
+    btf = next((sec for sec in elf_sections if sec.name == ".BTF"), None)
     return ObjectFacts(path, hashlib.sha256(raw).hexdigest(), sections, symbols, relocs,
                        btf.data() if btf is not None else None)

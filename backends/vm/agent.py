@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
+_START = time.monotonic()
+
+
 def _say(text: str) -> None:
-    print(f"percpu-vm: {text}", flush=True)
+    print(f"percpu-vm: [{time.monotonic() - _START:6.1f}s] {text}", flush=True)
 
 
 def _write(directory: Path, doc: dict[str, Any]) -> None:

@@ -1,0 +1,139 @@
+"""Speed and resource use of the suite itself, measured (never asserted): examples/s per backend against the
+clang-only floor over the same generated sources, the xdist speed-up, and peak memory and fd count."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import Phase, given, settings
+
+from generators.model import ProgramModel
+from generators.render import render_global
+from generators.strategies import program_models
+from schema.result import compare
+from suites.backends import KernelBackend, SimBackend, Unavailable
+from suites.support import compile_global, predict_for, runs_of
+from toolchain.clang import Clang, compile_c
+
+N_MODELS = int(os.environ.get("PERCPU_BENCH_MODELS", "40"))
+N_LEAK = int(os.environ.get("PERCPU_BENCH_LEAK_EXAMPLES", "5000"))
+
+
+def fixed_models(n: int, cpus: tuple[int, ...] = (0, 1)) -> list[ProgramModel]:
+    out: list[ProgramModel] = []
+
+    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
+    @given(program_models(cpus=cpus))
+    def collect(model: ProgramModel) -> None:
+        out.append(model)
+
+    collect()
+    return out[:n]
+
+
+@pytest.fixture(scope="module")
+def clang():
+    return Clang.find()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return fixed_models(N_MODELS)
+
+
+@pytest.fixture
+def cold_cache(monkeypatch, tmp_path):
+    """Every round compiles for real: the cache would otherwise make the pipeline faster than clang."""
+    def fresh():
+        monkeypatch.setenv("PERCPU_CACHE", tempfile.mkdtemp(dir=tmp_path))
+    return fresh
+
+
+def _clang_floor(clang, models) -> float:
+    for m in models:
+        compile_c(clang, render_global(m), name=m.name)
+    return len(models)
+
+
+def _end_to_end(clang, backend, models) -> float:
+    for m in models:
+        compiled = compile_global(clang, m)
+        compare(predict_for(backend, compiled, clang), backend.observe(compiled, runs_of(m)))
+    return len(models)
+
+
+def _rate(benchmark, fn, cold_cache, *args) -> float:
+    benchmark.pedantic(fn, args=args, setup=cold_cache, rounds=3, iterations=1)
+    return len(args[-1]) / benchmark.stats.stats.mean
+
+
+def test_clang_floor(benchmark, clang, models, cold_cache, bench_results):
+    bench_results["clang_examples_per_s"] = _rate(benchmark, _clang_floor, cold_cache, clang, models)
+
+
+def test_sim_end_to_end(benchmark, clang, models, cold_cache, bench_results):
+    backend = SimBackend("merged", 4, (0, 1))
+    rate = _rate(benchmark, _end_to_end, cold_cache, clang, backend, models)
+    bench_results["sim_examples_per_s"] = rate
+    if "clang_examples_per_s" in bench_results:
+        bench_results["sim_ratio"] = rate / bench_results["clang_examples_per_s"]
+
+
+@pytest.mark.parametrize("loader", ["raw", "libbpf"])
+def test_kernel_end_to_end(benchmark, clang, models, cold_cache, bench_results, loader):
+    try:
+        backend = KernelBackend(loader, None, clang)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    rate = _rate(benchmark, _end_to_end, cold_cache, clang, backend, models)
+    bench_results[f"kernel_{loader}_examples_per_s"] = rate
+    if "clang_examples_per_s" in bench_results:
+        bench_results[f"kernel_{loader}_ratio"] = rate / bench_results["clang_examples_per_s"]
+        if loader == "raw":
+            bench_results["kernel_ratio"] = bench_results["kernel_raw_ratio"]
+
+
+def test_xdist_speedup(tmp_path, bench_results):
+    """The same deterministic conformance run, serial and with two workers, each on a cold compile cache."""
+    root = Path(__file__).resolve().parent.parent
+    times = {}
+    for workers in ("0", "2"):
+        env = {**os.environ, "PERCPU_CACHE": str(tmp_path / f"cache{workers}"),
+               "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_REPORTS": str(tmp_path / "reports")}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pytest", "suites", "-q", "-n", workers, "-p", "no:cacheprovider",
+                        "--hypothesis-profile=ci", "--backend", "sim"], cwd=root, env=env, check=True,
+                       capture_output=True)
+        times[workers] = time.perf_counter() - start
+    bench_results["xdist_serial_s"] = times["0"]
+    bench_results["xdist_2_workers_s"] = times["2"]
+    bench_results["xdist_speedup"] = times["0"] / times["2"]
+
+
+def test_memory_and_fds_over_many_examples(clang, bench_results):
+    """N_LEAK observations on the simulator and the kernel (raw loader) over a cycle of compiled models:
+    the fd count must come back to where it started and peak RSS is recorded."""
+    models = fixed_models(100)
+    compiled = [compile_global(clang, m) for m in models]
+    backends = [SimBackend("merged", 4, (0, 1))]
+    try:
+        backends.append(KernelBackend("raw", None, clang))
+    except Unavailable:
+        pass
+    fds_before = len(os.listdir("/proc/self/fd"))
+    start = time.perf_counter()
+    for i in range(N_LEAK):
+        c = compiled[i % len(compiled)]
+        backends[i % len(backends)].observe(c, runs_of(c.model))
+    bench_results["leak_examples"] = N_LEAK
+    bench_results["leak_seconds"] = time.perf_counter() - start
+    bench_results["fds_before"] = fds_before
+    bench_results["fds_after"] = len(os.listdir("/proc/self/fd"))
+    bench_results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
