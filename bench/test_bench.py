@@ -118,15 +118,16 @@ def test_xdist_speedup(tmp_path, bench_results):
 
 
 def test_memory_and_fds_over_many_examples(clang, bench_results):
-    """N_LEAK observations on the simulator and the kernel (raw loader) over a cycle of compiled models:
+    """N_LEAK observations on the simulator and the kernel (both loaders) over a cycle of compiled models:
     the fd count must come back to where it started and peak RSS is recorded."""
     models = fixed_models(100)
     compiled = [compile_global(clang, m) for m in models]
     backends = [SimBackend("merged", 4, (0, 1))]
-    try:
-        backends.append(KernelBackend("raw", None, clang))
-    except Unavailable:
-        pass
+    for loader in ("raw", "libbpf"):
+        try:
+            backends.append(KernelBackend(loader, None, clang))
+        except Unavailable:
+            pass
     fds_before = len(os.listdir("/proc/self/fd"))
     start = time.perf_counter()
     for i in range(N_LEAK):
