@@ -18,6 +18,8 @@ _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, Hea
 settings.register_profile("dev", max_examples=25, **_COMMON)
 # ci: fixed seed, no example database: the same examples on every machine and every run
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, print_blob=True, **_COMMON)
+# bench: deterministic like ci, with enough examples per property that per-worker start-up is amortised
+settings.register_profile("bench", max_examples=150, derandomize=True, database=None, **_COMMON)
 _NIGHTLY_DB = os.environ.get("PERCPU_HYPOTHESIS_DB")
 settings.register_profile("nightly", max_examples=5000, print_blob=True, **_COMMON,
                           **({"database": DirectoryBasedExampleDatabase(_NIGHTLY_DB)} if _NIGHTLY_DB else {}))

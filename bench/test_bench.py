@@ -101,7 +101,8 @@ def test_kernel_end_to_end(benchmark, clang, models, cold_cache, bench_results, 
 
 
 def test_xdist_speedup(tmp_path, bench_results):
-    """The same deterministic conformance run, serial and with two workers, each on a cold compile cache."""
+    """The same deterministic conformance run (the `bench` profile: 150 examples a property), serial and with two
+    workers, each on a cold compile cache."""
     root = Path(__file__).resolve().parent.parent
     times = {}
     for workers in ("0", "2"):
@@ -109,7 +110,7 @@ def test_xdist_speedup(tmp_path, bench_results):
                "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_REPORTS": str(tmp_path / "reports")}
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pytest", "suites", "-q", "-n", workers, "-p", "no:cacheprovider",
-                        "--hypothesis-profile=ci", "--backend", "sim"], cwd=root, env=env, check=True,
+                        "--hypothesis-profile=bench", "--backend", "sim"], cwd=root, env=env, check=True,
                        capture_output=True)
         times[workers] = time.perf_counter() - start
     bench_results["xdist_serial_s"] = times["0"]

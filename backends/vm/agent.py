@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-
 _START = time.monotonic()
 
 
@@ -125,6 +124,7 @@ def run(directory: Path) -> int:
          f"bpf {'usable' if probe['bpf_usable'] else 'unusable: ' + probe['bpf_unusable_reason']}")
     libbpfs: dict[str | None, Any] = {}
     _warm(requests, libbpfs)
+    _say("loaders ready")
     # Observations of different objects share nothing in the kernel, so one worker per vCPU runs them side by
     # side; Python under emulation is slow enough that this nearly halves a batch.
     workers = max(1, min(len(probe["online_cpus"]), len(requests)))
