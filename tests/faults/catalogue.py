@@ -37,12 +37,15 @@ from toolchain.elf import ObjectFacts
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The properties, in the order the catalogue test tries them (the order a reader would bisect in).
+# The properties, in the order the catalogue test tries them: loader facts before verdicts before runs, the
+# instruction-level verifier cases last (they reach rules C programs do not).
 PROPERTIES = ("maps", "verdicts", "runtime", "lowered_twin", "initial_value", "verifier")
 
 
 @dataclass(frozen=True)
 class Fault:
+    """One regression: `apply` installs it on a MonkeyPatch; `profile` and the CPU sets build the SimBackend."""
+
     name: str
     doc: str
     apply: Callable[[pytest.MonkeyPatch], None]
@@ -281,7 +284,8 @@ def percpu_max_entries_unchecked(mp: pytest.MonkeyPatch) -> None:
 
 
 def const_str_percpu_unchecked(mp: pytest.MonkeyPatch) -> None:
-    # check_reg_const_str without the per-CPU refusal: a later check (read-only, map type) rejects instead
+    # check_reg_const_str without the per-CPU refusal: a later check (read-only, map type) rejects instead;
+    # the simulated verifier makes that refusal only for a profile whose message table has its text
     _replace_kernel(mp, messages=dict(BASE_MESSAGES))
 
 
