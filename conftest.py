@@ -21,7 +21,8 @@ settings.register_profile("ci", max_examples=40, derandomize=True, database=None
 # bench: deterministic like ci, with enough examples per property that per-worker start-up is amortised
 settings.register_profile("bench", max_examples=150, derandomize=True, database=None, **_COMMON)
 _NIGHTLY_DB = os.environ.get("PERCPU_HYPOTHESIS_DB")
-settings.register_profile("nightly", max_examples=5000, print_blob=True, **_COMMON,
+# nightly: rounds of 300 examples a property with fresh seeds until the budget is spent (suites/nightly.py)
+settings.register_profile("nightly", max_examples=300, print_blob=True, **_COMMON,
                           **({"database": DirectoryBasedExampleDatabase(_NIGHTLY_DB)} if _NIGHTLY_DB else {}))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
@@ -194,3 +195,10 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
     for line in md:
         terminalreporter.write_line(line)
     _write_reports(columns, rows, md)
+    from suites.support import COVERAGE
+
+    if COVERAGE:
+        terminalreporter.section("layout-space coverage")
+        for family, counts in sorted(COVERAGE.items()):
+            top = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            terminalreporter.write_line(f"{family}: {top}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def differential(name: str, backend, clang: Clang, model: ProgramModel,  # noqa:
     the fields `layers` own."""
     compiled = compile_global(clang, model)
     expected = predict_for(backend, compiled, clang)
+    record_coverage(model, compiled, expected)
     observed = backend.observe(compiled, runs_of(model))
     assert_same(f"{name}-{backend.name}", compiled, expected, observed, layers=layers, meta=backend_meta(backend))
     return expected, observed
@@ -142,3 +144,53 @@ def differential(name: str, backend, clang: Clang, model: ProgramModel,  # noqa:
 
 def predicted_reject(expected: Result) -> bool:
     return not expected["open"]["ok"] or any(p["verdict"] != "accepted" for p in expected["programs"])
+
+
+# Layout-space coverage: what the generated programs reached, printed with the matrix at the end of a run.
+COVERAGE: dict[str, Counter] = {}
+
+
+def _bucket(size: int) -> str:
+    for limit, name in ((8, "<=8"), (64, "<=64"), (1024, "<=1K"), (32 * 1024, "<=32K")):
+        if size <= limit:
+            return name
+    return ">32K"
+
+
+def record_coverage(model: ProgramModel, compiled: Compiled, expected: Result) -> None:
+    """Count what this example reached and push generation toward the edges (32 KiB, 1-byte variables,
+    many sections) with hypothesis.target; target's best examples are kept in the example database."""
+    from hypothesis import target
+    from hypothesis.control import currently_in_test_context
+
+    from generators.ctype import Array, Enum, Scalar
+
+    def kinds(t) -> list[str]:  # noqa: ANN001
+        if isinstance(t, Scalar):
+            return [t.kind]
+        if isinstance(t, Enum):
+            return ["enum"]
+        if isinstance(t, Array):
+            return ["array", *kinds(t.elem)]
+        return [("packed " if t.packed else "") + t.kind, *(k for f in t.fields for k in kinds(f.type))]
+
+    add = lambda family, key: COVERAGE.setdefault(family, Counter()).update([key])  # noqa: E731
+    for v in model.variables:
+        for k in kinds(v.type):
+            add("types", k)
+        add("alignments", str(v.type.align))
+        add("sections", v.section)
+    for m in expected["maps"]:
+        if m["value_size"] is not None:
+            add("value sizes", f"{m['type']} {_bucket(m['value_size'])}")
+    add("section counts", str(len(model.sections())))
+    for p in expected["programs"]:
+        add("verdicts", f"{p['verdict']}/{p['message_class'] or '-'}")
+    if not expected["open"]["ok"]:
+        add("verdicts", f"open/{expected['open']['error_class']}")
+    if not currently_in_test_context():
+        return  # a fixed corpus case: nothing to steer
+    percpu = [m["value_size"] for m in expected["maps"] if m["type"] == "percpu_array" and m["value_size"]]
+    target(float(max(percpu, default=0)), label="largest per-CPU value (bytes)")
+    target(float(len(model.sections())), label="sections")
+    target(float(sum(1 for v in model.variables if v.type.size == 1)), label="1-byte variables")

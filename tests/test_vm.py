@@ -196,7 +196,7 @@ def test_timeout_kills_the_whole_guest(tmp_path, fake_env):
         print("booting", flush=True)
         time.sleep(600)
     """)
-    session = VmSession(VmConfig(kernel_image=fake_env, accel="tcg", vng=vng, timeout=2))
+    session = VmSession(VmConfig(kernel_image=fake_env, accel="tcg", vng=vng, timeout=1.5, timeout_per_request=0.5))
     start = time.monotonic()
     with pytest.raises(VmError) as e:
         session.run_batch([{"object": _object(tmp_path), "loader": "libbpf", "runs": []}])
@@ -232,6 +232,45 @@ def test_no_results_is_an_error(tmp_path, fake_env):
     assert not list((tmp_path / "scratch").iterdir())
 
 
+def test_answers_are_mapped_back_to_the_host(tmp_path, fake_env):
+    # the stand-in answers as the agent would, and the kernel complains while it runs
+    vng = _fake_vng(tmp_path, """
+        import json
+        requests = json.load(open(os.path.join(rwdir, "requests.json")))["requests"]
+        print("[ 0.5] WARNING: early boot noise is not a finding")
+        print("[ 9.0] virtme-ng-init: starting script")
+        print("[ 9.5] WARNING: CPU: 1 PID: 80 at kernel/bpf/verifier.c:1234 check_mem_access")
+        obs = {"source": "kernel", "env": {"kernel_release": "6.1.0-56-amd64"},
+               "object": {"path": requests[0]["object"], "sha256": "00"}}
+        answer = {"guest": {"kernel_release": "6.1.0-56-amd64", "probe": {"bpf_usable": True}},
+                  "results": [{"observation": obs}, {"error": {"type": "ValueError", "message": "bad map"}}]}
+        json.dump(answer, open(os.path.join(rwdir, "results.json"), "w"))
+    """)
+    session = VmSession(VmConfig(kernel_image=fake_env, accel="tcg", vng=vng))
+    obj = _object(tmp_path)
+    ok, failed = session.run_batch([{"object": obj, "loader": "libbpf"}, {"object": obj, "loader": "raw"}])
+    assert ok["source"] == "vm" and ok["object"] == {"path": obj, "sha256": "00"}
+    assert ok["env"]["vm_accel"] == "tcg" and ok["env"]["vm_seconds"] > 0
+    assert ok["env"]["vm_kernel_warnings"] == ["[ 9.5] WARNING: CPU: 1 PID: 80 at kernel/bpf/verifier.c:1234 "
+                                               "check_mem_access"]
+    assert failed["error"] == {"type": "ValueError", "message": "bad map"}
+    assert failed["object"] == {"path": obj} and failed["env"]["kernel_release"] == "6.1.0-56-amd64"
+    assert not list((tmp_path / "scratch").iterdir())
+
+
+def test_a_kernel_without_bpf_is_unavailable(tmp_path, fake_env):
+    vng = _fake_vng(tmp_path, """
+        import json
+        probe = {"bpf_usable": False, "bpf_unusable_reason": "bpf() not implemented (ENOSYS)"}
+        answer = {"guest": {"kernel_release": "6.1.0-x", "probe": probe},
+                  "results": [{"error": {"type": "BackendUnavailable", "message": "bpf() not implemented"}}]}
+        json.dump(answer, open(os.path.join(rwdir, "results.json"), "w"))
+    """)
+    session = VmSession(VmConfig(kernel_image=fake_env, accel="tcg", vng=vng))
+    with pytest.raises(VmUnavailable, match=r"^kernel 6.1.0-x cannot load BPF programs: bpf\(\) not implemented"):
+        session.run_batch([{"object": _object(tmp_path)}])
+
+
 def test_command_line(tmp_path, fake_env):
     vng = _fake_vng(tmp_path, "")
     session = VmSession(VmConfig(kernel_image=fake_env, accel="tcg", vng=vng, cpus=3, memory="2G"))
@@ -252,6 +291,8 @@ def test_bad_requests_are_refused_before_booting(tmp_path, fake_env):
         session.run_batch([{"object": "x.o"}])
     with pytest.raises(ValueError, match="loader"):
         session.run_batch([{"object": _object(tmp_path), "loader": "bpftool"}])
+    with pytest.raises(ValueError, match="libbpf must be the absolute path"):
+        session.run_batch([{"object": _object(tmp_path), "libbpf": "libbpf.so"}])
     with pytest.raises(ValueError, match="not hex"):
         session.run_batch([{"object": _object(tmp_path), "initial_values": {".data": "zz"}}])
 

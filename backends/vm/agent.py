@@ -117,7 +117,8 @@ def _fork_worker(shard: Indexed, total: int, libbpfs: dict[str | None, Any]) -> 
 
 def run(directory: Path) -> int:
     start = time.monotonic()
-    requests = json.loads((directory / "requests.json").read_text())["requests"]
+    batch = json.loads((directory / "requests.json").read_text())
+    requests = batch["requests"]
     guest = _guest_facts()
     probe = guest["probe"]
     _say(f"kernel {guest['kernel_release']}, {len(requests)} requests, "
@@ -125,9 +126,9 @@ def run(directory: Path) -> int:
     libbpfs: dict[str | None, Any] = {}
     _warm(requests, libbpfs)
     _say("loaders ready")
-    # Observations of different objects share nothing in the kernel, so one worker per vCPU runs them side by
-    # side; Python under emulation is slow enough that this nearly halves a batch.
-    workers = max(1, min(len(probe["online_cpus"]), len(requests)))
+    # Observations of different objects share nothing in the kernel, so by default one worker per vCPU runs
+    # them side by side: under emulation the Python around each observation costs more than the kernel work.
+    workers = max(1, min(batch.get("workers") or len(probe["online_cpus"]), len(requests)))
     indexed = list(enumerate(requests))
     shards = [indexed[k::workers] for k in range(workers)]
     children = [(*_fork_worker(shard, len(requests), libbpfs), shard) for shard in shards[1:]]

@@ -46,6 +46,9 @@ BOOT_DIR = Path("/boot")
 ACCEL_ENV = "PERCPU_VM_ACCEL"  # "kvm" or "tcg" skips the probe
 
 CONSOLE_TAIL_LINES = 40
+MAX_WARNINGS = 5
+_SCRIPT_STARTED = "init: starting script"  # virtme-ng-init and the older virtme-init alike
+_WARNING = re.compile(r"\b(WARNING:|BUG:|Oops|general protection fault|kernel BUG)")
 KVM_PROBE_TIMEOUT = 20.0
 # Below the caller's timeout, so a hung shutdown is reported as such rather than as a hung boot.
 _KILL_GRACE = 5.0
@@ -264,8 +267,10 @@ class VmConfig:
     modules: Path | None = None  # INSTALL_MOD_PATH of the image's modules (holds lib/modules/<release>)
     cpus: int = 2
     memory: str = "1G"
-    timeout: float = 300.0  # boot + every request + shutdown
+    timeout: float = 300.0  # boot + shutdown, and with timeout_per_request the limit for one batch
+    timeout_per_request: float = 2.0  # under TCG one observation takes 0.1-0.5 s: generous, yet a hang still ends
     accel: str | None = None  # "kvm" | "tcg"; None: choose_accel()
+    workers: int | None = None  # guest processes observing side by side; None: one per guest CPU
     vng: Path | None = None  # default: vng on PATH or beside this interpreter
 
 
@@ -291,6 +296,20 @@ def _check_visible(what: str, path: Path) -> None:
             raise VmUnavailable(f"{what} {path} is under {hidden}, which the guest replaces with an empty tmpfs")
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _kernel_warnings(console: str) -> list[str]:
+    """Kernel complaints printed once the agent started: a WARN or BUG under a test is a finding in itself,
+    even when every observation came back."""
+    _, started, after = console.partition(_SCRIPT_STARTED)
+    return [ln.strip() for ln in after.splitlines() if _WARNING.search(ln)] if started else []
+
+
 def _tail(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
@@ -311,6 +330,9 @@ def _check_request(i: int, req: Mapping[str, Any]) -> None:
         if (len(run) != 3 or not isinstance(run[0], str)
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in run[1:])):
             raise ValueError(f"request {i}: run {run!r} is not [program, cpu, count]")
+    lib = req.get("libbpf")
+    if lib is not None and (not os.path.isabs(lib) or not os.path.isfile(lib)):
+        raise ValueError(f"request {i}: libbpf must be the absolute path of a file, not {lib!r}")
     for name, value in (req.get("initial_values") or {}).items():
         try:
             bytes.fromhex(value)
@@ -325,6 +347,8 @@ class VmSession:
         self.config = config
         if config.cpus < 1:
             raise ValueError(f"cpus must be >= 1, not {config.cpus}")
+        if config.workers is not None and config.workers < 1:
+            raise ValueError(f"workers must be >= 1, not {config.workers}")
         self.release = check_kernel(Path(config.kernel_image))
         if shutil.which(QEMU) is None:
             raise VmUnavailable(f"{QEMU} not installed (apt-get install qemu-system-x86)")
@@ -344,6 +368,7 @@ class VmSession:
             self.accel, self.accel_notice = choose_accel()
         self.guest: dict[str, Any] | None = None  # the guest's probe from the last batch
         self.last_console = ""
+        self.kernel_warnings: list[str] = []  # WARN/BUG/Oops lines the kernel printed while the agent ran
         self.vm_seconds: float | None = None
 
     # the guest side of one batch
@@ -379,7 +404,7 @@ class VmSession:
             argv.insert(3, "--disable-kvm")
         return argv
 
-    def _boot(self, argv: list[str], console: Path) -> int:
+    def _boot(self, argv: list[str], console: Path, timeout: float) -> int:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(self.vng.parent), env.get("PATH", os.defpath)])  # vng runs virtme-run
         start = time.monotonic()
@@ -391,14 +416,14 @@ class VmSession:
         copier = threading.Thread(target=_copy, args=(proc.stdout, console), daemon=True)
         copier.start()
         try:
-            rc = proc.wait(timeout=self.config.timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             self.vm_seconds = time.monotonic() - start
             copier.join(_KILL_GRACE)
-            text = console.read_text(errors="replace")
+            text = _read(console)
             self.last_console = text
-            raise VmError(f"guest timed out after {self.config.timeout:g}s (killed)", _tail(text)) from None
+            raise VmError(f"guest timed out after {timeout:g}s (killed)", _tail(text)) from None
         except BaseException:
             _kill_group(proc)
             raise
@@ -435,11 +460,14 @@ class VmSession:
                                    "runs": [list(r) for r in req.get("runs", ())],
                                    "initial_values": dict(req.get("initial_values") or {}),
                                    "libbpf": req.get("libbpf")})
-        (scratch / "requests.json").write_text(json.dumps({"requests": guest_requests}))
+        (scratch / "requests.json").write_text(json.dumps({"requests": guest_requests,
+                                                            "workers": self.config.workers}))
         console = scratch / "console.log"
-        rc = self._boot(self.command(scratch, self._stage_kernel(scratch)), console)
-        text = console.read_text(errors="replace")
+        timeout = self.config.timeout + self.config.timeout_per_request * len(requests)
+        rc = self._boot(self.command(scratch, self._stage_kernel(scratch)), console, timeout)
+        text = _read(console)
         self.last_console = text
+        self.kernel_warnings = _kernel_warnings(text)
         if "Kernel panic" in text:
             line = next(ln for ln in text.splitlines() if "Kernel panic" in ln)
             reason = line[line.index("Kernel panic") + len("Kernel panic"):].lstrip(" -")
@@ -461,7 +489,8 @@ class VmSession:
             raise VmError(f"guest answered {len(results) if isinstance(results, list) else 'no'} results for "
                           f"{len(requests)} requests", _tail(text))
         vm_facts = {"vm_seconds": round(self.vm_seconds or 0.0, 3), "vm_accel": self.accel,
-                    "vm_kernel_image": str(self.config.kernel_image)}
+                    "vm_kernel_image": str(self.config.kernel_image),
+                    "vm_kernel_warnings": self.kernel_warnings[:MAX_WARNINGS]}
         out = []
         for req, res in zip(requests, results, strict=True):
             host_path = os.fspath(req["object"])
