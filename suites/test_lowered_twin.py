@@ -4,10 +4,11 @@ prediction for the *global* rendering under the feature — on the real kernel t
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corpus.selftest import selftest_model
+from corpus import CORPUS
 from generators.model import ProgramModel
 from generators.render import lowered_value_size, section_ident
 from generators.strategies import program_models
@@ -45,5 +46,6 @@ def test_lowered_twin_leaves_the_predicted_per_cpu_contents(clang, backend, data
     check_lowered_twin(clang, backend, data.draw(program_models(cpus=backend.online_cpus), label="model"))
 
 
-def test_selftest_layout_lowered_twin(clang, backend):
-    check_lowered_twin(clang, backend, selftest_model(backend.online_cpus[:2]))
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_lowered_twin(clang, backend, name):
+    check_lowered_twin(clang, backend, CORPUS[name](backend.online_cpus))

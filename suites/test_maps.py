@@ -3,10 +3,11 @@ every possible CPU right after load, as the oracle predicts them."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corpus.selftest import selftest_model
+from corpus import CORPUS
 from generators.strategies import program_models
 from suites.support import differential, predicted_reject
 
@@ -18,5 +19,6 @@ def test_maps_and_initial_images_match_the_prediction(clang, backend, request, d
     request.node.user_properties.append(("predicted_reject", int(predicted_reject(expected))))
 
 
-def test_selftest_layout_maps(clang, backend):
-    differential("maps-selftest", backend, clang, selftest_model(backend.online_cpus[:2]), ("compiler", "loader"))
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_maps(clang, backend, name):
+    differential(f"maps-{name}", backend, clang, CORPUS[name](backend.online_cpus), ("compiler", "loader"))

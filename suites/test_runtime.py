@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corpus.selftest import selftest_model
+from corpus import CORPUS
 from generators.strategies import program_models
 from suites.support import differential
 
@@ -17,5 +18,6 @@ def test_per_cpu_contents_after_runs_match_the_prediction(clang, backend, data):
     differential("runtime", backend, clang, model, ("runtime",))
 
 
-def test_selftest_layout_runtime(clang, backend):
-    differential("runtime-selftest", backend, clang, selftest_model(backend.online_cpus[:2]), ("runtime",))
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_runtime(clang, backend, name):
+    differential(f"runtime-{name}", backend, clang, CORPUS[name](backend.online_cpus), ("runtime",))

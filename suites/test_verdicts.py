@@ -3,10 +3,11 @@ the backend's profile (old libbpf's open failure and an unpatched kernel's refus
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corpus.selftest import selftest_model
+from corpus import CORPUS
 from generators.strategies import program_models
 from suites.support import differential, predicted_reject
 
@@ -18,6 +19,6 @@ def test_verdicts_match_the_prediction(clang, backend, request, data):
     request.node.user_properties.append(("predicted_reject", int(predicted_reject(expected))))
 
 
-def test_selftest_layout_verdicts(clang, backend):
-    differential("verdicts-selftest", backend, clang, selftest_model(backend.online_cpus[:2]),
-                 ("loader", "verifier"))
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_verdicts(clang, backend, name):
+    differential(f"verdicts-{name}", backend, clang, CORPUS[name](backend.online_cpus), ("loader", "verifier"))
