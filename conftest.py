@@ -41,6 +41,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="kernel backend loader (default: both)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Bad options stop the run at once with pytest's usage error (exit 4) and one line."""
+    from oracle.profiles import UnknownProfile, profile
+
+    try:
+        profile(config.getoption("--profile"))
+        if config.getoption("--online-cpus"):
+            parse_cpulist(config.getoption("--online-cpus"))
+    except (UnknownProfile, ValueError) as e:
+        raise pytest.UsageError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     backends: tuple[str, ...]

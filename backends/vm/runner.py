@@ -50,8 +50,7 @@ MAX_WARNINGS = 5
 _SCRIPT_STARTED = "init: starting script"  # virtme-ng-init and the older virtme-init alike
 _WARNING = re.compile(r"\b(WARNING:|BUG:|Oops|general protection fault|kernel BUG)")
 KVM_PROBE_TIMEOUT = 20.0
-# Below the caller's timeout, so a hung shutdown is reported as such rather than as a hung boot.
-_KILL_GRACE = 5.0
+_KILL_GRACE = 5.0  # how long vng and QEMU get to stop after SIGTERM, before SIGKILL
 
 # Modules udev would load in the guest for QEMU's emulated hardware (SATA, CD-ROM, watchdogs, input, crypto
 # accelerators, nested KVM). None matters to BPF; skipping them saves seconds per boot under TCG.
@@ -423,7 +422,11 @@ class VmSession:
             copier.join(_KILL_GRACE)
             text = _read(console)
             self.last_console = text
-            raise VmError(f"guest timed out after {timeout:g}s (killed)", _tail(text)) from None
+            hint = ""
+            if "Linux version" not in text:
+                hint = "; the kernel never started" + (f" (set {ACCEL_ENV}=tcg if KVM cannot run it)"
+                                                       if self.accel == "kvm" else "")
+            raise VmError(f"guest timed out after {timeout:g}s (killed){hint}", _tail(text)) from None
         except BaseException:
             _kill_group(proc)
             raise
