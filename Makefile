@@ -3,7 +3,7 @@ VENV ?= .venv
 TOX = $(VENV)/bin/tox
 ARGS ?=
 
-.PHONY: setup conformance test lint unit clean
+.PHONY: setup conformance test vm-smoke clean
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
@@ -12,6 +12,9 @@ conformance: setup
 
 test: setup
 	$(TOX) -e lint,unit -- $(ARGS)
+
+vm-smoke: setup
+	$(TOX) -e vm -- --examples 3 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tox reports failures .hypothesis

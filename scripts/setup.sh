@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf1 python3-venv gcc libc6-dev)
+APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf1 libbpf-dev python3-venv gcc libc6-dev)
+# `setup.sh vm`: what the VM backend needs as well (QEMU, busybox for the guest's init, Debian's generic kernel)
+if [ "${1:-}" = vm ]; then
+  APT_PACKAGES+=(qemu-system-x86 busybox-static linux-image-amd64)
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

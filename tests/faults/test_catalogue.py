@@ -68,10 +68,14 @@ class _Recording:
         return value
 
 
-def _check(prop: str, clang, backend: SimBackend) -> Callable[[_Recording], None]:
-    """One example of `prop`, with the layers its suite compares."""
+def _check(prop: str, clang, backend: SimBackend, steer: Callable[[Any], bool] | None = None
+           ) -> Callable[[_Recording], None]:
+    """One example of `prop`, with the layers its suite compares; `steer` filters the examples drawn."""
+    def steered(strategy: st.SearchStrategy) -> st.SearchStrategy:
+        return strategy.filter(steer) if steer is not None else strategy
+
     def models(data: _Recording) -> ProgramModel:
-        return data.draw(program_models(cpus=backend.online_cpus), label="model")
+        return data.draw(steered(program_models(cpus=backend.online_cpus)), label="model")
 
     if prop == "maps":
         return lambda data: differential("maps", backend, clang, models(data), ("compiler", "loader"))
@@ -82,10 +86,10 @@ def _check(prop: str, clang, backend: SimBackend) -> Callable[[_Recording], None
     if prop == "lowered_twin":
         return lambda data: check_lowered_twin(clang, backend, models(data))
     if prop == "initial_value":
-        assert INITIAL_VALUE is not None
+        assert INITIAL_VALUE is not None and steer is None  # the suite's own body draws its model
         return lambda data: INITIAL_VALUE(clang, backend, data)
     assert prop == "verifier"
-    return lambda data: check_case(backend, data.draw(verifier_cases(), label="case"))
+    return lambda data: check_case(backend, data.draw(steered(verifier_cases()), label="case"))
 
 
 def _properties() -> tuple[str, ...]:
@@ -116,11 +120,12 @@ class Outcome:
         return 1 if isinstance(self.reproducer, VerifierCase) else None
 
 
-def run_property(prop: str, clang, backend: SimBackend, max_examples: int, seed: int | None = None) -> Outcome:
+def run_property(prop: str, clang, backend: SimBackend, max_examples: int, *,
+                 steer: Callable[[Any], bool] | None = None, seed: int | None = None) -> Outcome:
     """A deterministic Hypothesis run of one property, timed, keeping the last failing example. Derandomized
     runs draw from a seed taken from this function's source; `seed` replaces it (to see how robust a catch is
     against other draws)."""
-    check = _check(prop, clang, backend)
+    check = _check(prop, clang, backend, steer)
     start = time.monotonic()
     first_failure: float | None = None
     last_failing: ProgramModel | VerifierCase | None = None
@@ -188,6 +193,19 @@ def test_without_a_fault_every_property_passes(clang, prop, sim):
     assert outcome.error is None, f"{prop} fails without a fault:\n{outcome.error}"
 
 
+STEERED = [f for f in FAULTS.values() if f.steer is not None]
+
+
+@pytest.mark.usefixtures("failures")
+@pytest.mark.parametrize("fault", STEERED, ids=[f.name for f in STEERED])
+def test_steered_examples_pass_without_the_fault(clang, fault: Fault):
+    # a steer must not select examples the unfaulted simulator already gets wrong
+    assert fault.steer_note, f"{fault.name}: a steer needs its reason"
+    backend = SimBackend(fault.profile, fault.possible_cpus, fault.online_cpus)
+    outcome = run_property(fault.caught_by, clang, backend, _budget(fault.caught_by), steer=fault.steer)
+    assert outcome.error is None, f"{fault.caught_by} steered for {fault.name} fails without it:\n{outcome.error}"
+
+
 @pytest.mark.usefixtures("failures")
 @pytest.mark.parametrize("fault", FAULTS.values(), ids=list(FAULTS))
 def test_fault_is_caught(clang, fault_rows, record_property, fault: Fault):
@@ -199,7 +217,8 @@ def test_fault_is_caught(clang, fault_rows, record_property, fault: Fault):
         fault.apply(mp)
         for prop in _properties():
             prop_start = time.monotonic() - start
-            outcome = run_property(prop, clang, backend, _budget(prop))
+            steer = fault.steer if prop == fault.caught_by else None
+            outcome = run_property(prop, clang, backend, _budget(prop), steer=steer)
             if outcome.error is not None:
                 caught = outcome
                 detect = prop_start + (outcome.seconds_to_first_failure or 0.0)

@@ -1,0 +1,142 @@
+"""`python -m suites.vm [--kernel-image PATH] [--modules DIR] [--vm-cpus N] [--vm-memory M] [--vm-timeout S]
+[--examples N] [--clang PATH]`
+
+The conformance properties against a user-supplied kernel, in one boot. Objects are compiled on the host (the
+guest is emulated and slow); the corpus plus a fixed-seed sample of generated models is observed inside the guest
+through both loaders (global rendering) and through libbpf (lowered rendering); back on the host each observation
+is compared with the oracle's prediction for the profile the guest's probes select — never a flag. Shrinking needs
+many boots, so this runs a fixed sample; a divergence leaves a bundle that `python -m suites.replay` re-runs on
+the host's backends.
+
+Exit: 0 conforms, 1 divergence, 2 bad input, 3 toolchain, 4 VM backend unavailable here, 5 guest failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from corpus import CORPUS
+from generators.render import lowered_value_size, section_ident
+from oracle.predict import predict
+from oracle.profiles import PROFILES
+from schema.result import compare
+from suites.gate import sample_models
+from suites.support import (
+    Compiled,
+    compile_global,
+    compile_lowered,
+    lowered_as_global,
+    percpu_offsets,
+    runs_of,
+    write_bundle,
+)
+
+
+def _lowered_initial(compiled: Compiled) -> dict[str, str]:
+    offsets = percpu_offsets(compiled)
+    out = {}
+    for s in compiled.model.sections():
+        if s == ".percpu" or s.startswith(".percpu."):
+            size = lowered_value_size(compiled.model, offsets, s)
+            out[section_ident(s)] = compiled.facts.section(s).data.ljust(size, b"\0").hex()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.vm")
+    parser.add_argument("--kernel-image", type=Path)
+    parser.add_argument("--modules", type=Path)
+    parser.add_argument("--vm-cpus", type=int, default=2)
+    parser.add_argument("--vm-memory", default="1G")
+    parser.add_argument("--vm-timeout", type=float, default=300.0)
+    parser.add_argument("--examples", type=int, default=20, help="generated models besides the corpus")
+    parser.add_argument("--clang")
+    args = parser.parse_args(argv)
+    from backends.vm.runner import VmConfig, VmError, VmSession, VmUnavailable, default_kernel_image
+    from toolchain.clang import Clang, CompileError, ToolchainError
+
+    if args.vm_cpus < 2:
+        print("vm: --vm-cpus must be at least 2 so per-CPU behaviour is visible", file=sys.stderr)
+        return 2
+    try:
+        clang = Clang.find(args.clang)
+        image = args.kernel_image or default_kernel_image()
+        if not image.exists():
+            raise VmUnavailable(f"no kernel image at {image}")
+        cpus = tuple(range(args.vm_cpus))
+        models = [(f"corpus:{n}", fn(cpus)) for n, fn in sorted(CORPUS.items())]
+        models += [(f"sample:{i}", m) for i, m in enumerate(sample_models(args.examples, cpus))]
+        plan, requests = [], []
+        for case, model in models:
+            compiled = compile_global(clang, model)
+            lowered = compile_lowered(clang, compiled)
+            for kind, obj, loader, initial in (("libbpf", compiled, "libbpf", {}), ("raw", compiled, "raw", {}),
+                                               ("lowered", lowered, "libbpf", _lowered_initial(compiled))):
+                plan.append((case, kind, compiled, obj))
+                requests.append({"object": str(obj.path.resolve()), "loader": loader, "runs": runs_of(model),
+                                 "initial_values": initial})
+    except ToolchainError as e:
+        print(f"vm: {e}", file=sys.stderr)
+        return 3
+    except CompileError as e:
+        print(f"vm: {e}", file=sys.stderr)
+        return 3
+    except VmUnavailable as e:
+        print(f"vm: unavailable: {e}", file=sys.stderr)
+        return 4
+    start = time.perf_counter()
+    try:
+        session = VmSession(VmConfig(image, args.modules, args.vm_cpus, args.vm_memory, args.vm_timeout))
+        observations = session.run_batch(requests)
+    except VmUnavailable as e:
+        print(f"vm: unavailable: {e}", file=sys.stderr)
+        return 4
+    except VmError as e:
+        print(f"vm: {e}\n{getattr(e, 'console_tail', '')}", file=sys.stderr)
+        return 5
+    seconds = time.perf_counter() - start
+    env = next((o["env"] for o in observations if "error" not in o), observations[0].get("env", {}))
+    print(f"guest kernel {env.get('kernel_release')} ({env.get('vm_accel')}), libbpf {env.get('libbpf')}, "
+          f"features {env.get('features')}, {len(requests)} observations in one boot of {seconds:.1f}s "
+          f"({len(requests) / seconds:.2f}/s)")
+    outcome: Counter = Counter()
+    failed = 0
+    for (case, kind, compiled, obj), observed in zip(plan, observations, strict=True):
+        if "error" in observed:
+            outcome[(kind, "error")] += 1
+            failed += 1
+            print(f"  {case} {kind}: the guest could not observe it: {observed['error']['message']}")
+            continue
+        profile = "merged" if kind == "lowered" else observed["env"]["profile"]
+        if profile not in PROFILES:
+            print(f"  {case} {kind}: the guest reports profile {profile!r}, which the oracle does not know")
+            failed += 1
+            continue
+        expected = predict(compiled.model, compiled.facts, PROFILES[profile],
+                           possible_cpus=observed["env"]["possible_cpus"], online_cpus=observed["env"]["online_cpus"])
+        if kind == "lowered":
+            cmp = compare(expected, lowered_as_global(observed, expected, compiled.model), layers=("runtime",))
+        else:
+            cmp = compare(expected, observed)
+        rejected = not expected["open"]["ok"] or any(p["verdict"] != "accepted" for p in expected["programs"])
+        outcome[(kind, "pass" if cmp.ok else "FAIL")] += 1
+        outcome[(kind, "predicted-reject")] += int(rejected and cmp.ok)
+        if not cmp.ok:
+            failed += 1
+            where = write_bundle(f"vm-{kind}", compiled, {"expected": expected, "observed": observed},
+                                 cmp.report(), {"lowered.c": obj.source} if kind == "lowered" else None,
+                                 {"check": "vm", "backend": f"vm-{kind}", "profile": profile})
+            print(f"  {case} {kind}: {len(cmp.divergences)} divergence(s), blame {cmp.blame()}; bundle {where}")
+    print("| observation | pass | predicted-reject | FAIL | error |\n|---|---|---|---|---|")
+    for kind in ("libbpf", "raw", "lowered"):
+        print(f"| vm-{kind} | {outcome[(kind, 'pass')]} | {outcome[(kind, 'predicted-reject')]} | "
+              f"{outcome[(kind, 'FAIL')]} | {outcome[(kind, 'error')]} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
