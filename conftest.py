@@ -143,7 +143,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     name = report.nodeid.split("::")[-1]
     prop, _, param = name.partition("[")
-    column = param.rstrip("]") or "oracle"
+    param = param.rstrip("]")
+    # the backend is the first parameter; corpus names and other parameters fold into one cell
+    column = next((b for b in ("kernel-libbpf", "kernel-raw", "sim", "vm") if param.startswith(b)), "oracle")
     cell = _MATRIX.setdefault((report.nodeid.split("::")[0] + "::" + prop, column), {})
     outcome = "skipped" if report.skipped else report.outcome
     cell[outcome] = int(cell.get(outcome, 0)) + 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from generators.ctype import Array, Scalar
-from generators.model import Access, Add, Function, ProgramModel, Run, Store, StoreCpu, Variable
+from generators.model import Access, Add, Copy, Function, ProgramModel, Run, Store, StoreCpu, Variable
 
 U8, U64 = Scalar("u8"), Scalar("u64")
 
@@ -43,3 +43,13 @@ def static_only_sections(cpus: tuple[int, ...] = (0, 1)) -> ProgramModel:
           Variable("u", U64, ".percpu", static=True, init=(9,)))
     prog = Function("touch", (Add(Access("s"), 1), Add(Access("t"), 2), Add(Access("u"), 3)))
     return ProgramModel("edge", vs, (prog,), _runs("touch", cpus))
+
+
+def plain_data(cpus: tuple[int, ...] = (0, 1)) -> ProgramModel:
+    """Ordinary global data only (spec §2b): the regression baseline every libbpf and kernel handles."""
+    vs = (Variable("d", Scalar("s32"), ".data", init=(5,)), Variable("b", Scalar("s32"), ".bss"),
+          Variable("r", Scalar("s32"), ".rodata", init=(7,)), Variable("t", Scalar("s32"), ".data.tally",
+                                                                       init=(1,)),
+          Variable("g", Scalar("s32"), ".rodata.tag", init=(2,)))
+    prog = Function("touch", (Add(Access("d"), 1), StoreCpu(Access("b")), Copy(Access("t"), Access("r"))))
+    return ProgramModel("plain_data", vs, (prog,), _runs("touch", cpus))
