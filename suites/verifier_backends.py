@@ -79,9 +79,17 @@ def observe_sim(case: VerifierCase, kernel_profile: str, possible: int, online: 
         prog = None
         result["programs"].append(program_entry("case", "rejected", errno=e.errno, message_class=e.error_class,
                                                 message=e.message))
+    from backends.sim.interp import BpfFault
+
     for cpu, n in runs:
-        result["runs"].append({"program": "case", "cpu": cpu, "count": n,
-                               "retval": [k.test_run(prog, cpu) if prog else None for _ in range(n)]})
+        entry = {"program": "case", "cpu": cpu, "count": n, "retval": []}
+        for _ in range(n):
+            try:
+                entry["retval"].append(k.test_run(prog, cpu) if prog else None)
+            except BpfFault as e:  # e.g. a per-CPU address dereferenced without the rewrite
+                entry["retval"].append(None)
+                entry["fault"] = str(e)
+        result["runs"].append(entry)
     m["after"] = _slots(k.map_lookup(fd, key), case, possible)
     return result
 

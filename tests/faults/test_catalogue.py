@@ -4,8 +4,11 @@ something). Each run is deterministic (derandomized, no example database) and tr
 `PROPERTIES` order, stopping at the first that fails. The outcome of every fault is written to
 `reports/faults.json` (or `$PERCPU_REPORTS/faults.json`) at the end of the module: the property that caught it,
 the layer its failure blames, `seconds_to_detect` (from the start of the fault's run, earlier properties
-included, to the first failing example), `seconds_to_shrink` (from there to the reported failure) and
-`reproducer_vars` (variables in the shrunk model; 1 for an instruction-level verifier case).
+included, to the first failing example), `seconds_to_shrink` (from there to the reported failure),
+`reproducer_vars` (variables in the shrunk model; 1 for an instruction-level verifier case) and `shrink_cut`
+(shrinking stopped at SHRINK_SECONDS with the smallest failure found so far). A fault whose trigger the ci budget
+reaches only by luck carries a `steer`, a filter on the examples of the property expected to catch it; the
+steered examples must pass without the fault.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ CI = settings.get_profile("ci")
 # test_verifier runs ten times the profile's budget: its cases are cheap (a few ms)
 VERIFIER_FACTOR = 10
 MAX_SECONDS = 60
+# Shrinking re-compiles every candidate; a large first failure can take most of a minute to shrink. After this
+# long only examples already seen failing are checked again, so Hypothesis settles on the smallest so far.
+SHRINK_SECONDS = 15
 # the explain phase only adds commentary to the report; skipping it keeps shrinking the last phase
 PHASES = tuple(p for p in Phase if p is not Phase.explain)
 
@@ -54,17 +60,24 @@ def _initial_value_check() -> Callable[..., None] | None:
 INITIAL_VALUE = _initial_value_check()
 
 
-class _Recording:
-    """`st.data()` as the property sees it, keeping the last model or case drawn (the reproducer)."""
+class _Skip(Exception):
+    """The shrinking budget is spent and this example was never seen failing: treat it as passing."""
 
-    def __init__(self, data: st.DataObject) -> None:
+
+class _Recording:
+    """`st.data()` as the property sees it, keeping the last model or case drawn (the reproducer); `gate` may
+    refuse to check a drawn example by raising _Skip."""
+
+    def __init__(self, data: st.DataObject, gate: Callable[[ProgramModel | VerifierCase], None]) -> None:
         self.data = data
+        self.gate = gate
         self.drawn: ProgramModel | VerifierCase | None = None
 
     def draw(self, strategy: st.SearchStrategy, label: str | None = None) -> Any:
         value = self.data.draw(strategy, label=label)
         if isinstance(value, ProgramModel | VerifierCase):
             self.drawn = value
+            self.gate(value)
         return value
 
 
@@ -107,6 +120,7 @@ class Outcome:
     seconds_to_first_failure: float | None  # from the start of this property's run
     seconds: float  # the whole run: generation, shrinking and the final replay
     reproducer: ProgramModel | VerifierCase | None
+    shrink_cut: bool = False  # shrinking stopped at SHRINK_SECONDS
 
     @property
     def layer(self) -> str | None:
@@ -129,22 +143,35 @@ def run_property(prop: str, clang, backend: SimBackend, max_examples: int, *,
     start = time.monotonic()
     first_failure: float | None = None
     last_failing: ProgramModel | VerifierCase | None = None
+    failing: set[ProgramModel | VerifierCase] = set()
+    shrink_cut = False
+
+    def gate(drawn: ProgramModel | VerifierCase) -> None:
+        nonlocal shrink_cut
+        spent = first_failure is not None and time.monotonic() - start - first_failure > SHRINK_SECONDS
+        if spent and drawn not in failing:
+            shrink_cut = True
+            raise _Skip
 
     @settings(CI, max_examples=max_examples, derandomize=True, database=None, deadline=None, print_blob=False,
               report_multiple_bugs=False, phases=PHASES)
     @given(st.data())
     def run(data: st.DataObject) -> None:
         nonlocal first_failure, last_failing
-        recording = _Recording(data)
+        recording = _Recording(data, gate)
         try:
             check(recording)
         except HypothesisException:
             raise
+        except _Skip:
+            return
         except Exception:
             if first_failure is None:
                 first_failure = time.monotonic() - start
             # the last failing call is Hypothesis's replay of the shrunk example
             last_failing = recording.drawn
+            if last_failing is not None:
+                failing.add(last_failing)
             raise
 
     if seed is not None:
@@ -152,7 +179,7 @@ def run_property(prop: str, clang, backend: SimBackend, max_examples: int, *,
     try:
         run()
     except Exception as e:  # any failure is the fault being caught; its text says how
-        return Outcome(prop, e, first_failure, time.monotonic() - start, last_failing)
+        return Outcome(prop, e, first_failure, time.monotonic() - start, last_failing, shrink_cut)
     return Outcome(prop, None, None, time.monotonic() - start, None)
 
 
@@ -228,7 +255,8 @@ def test_fault_is_caught(clang, fault_rows, record_property, fault: Fault):
            "property": caught.prop if caught else None, "layer": caught.layer if caught else None,
            "seconds_to_detect": round(detect, 2) if caught else None,
            "seconds_to_shrink": round(total - detect, 2) if caught else None,
-           "reproducer_vars": caught.reproducer_vars if caught else None}
+           "reproducer_vars": caught.reproducer_vars if caught else None,
+           "shrink_cut": caught.shrink_cut if caught else None}
     fault_rows[fault.name] = row
     for key, value in row.items():
         record_property(key, value)
