@@ -7,9 +7,10 @@ Facts are marked as in the spec: [S] read in the series' source, [D] deduced fro
 
 What `prepare` mirrors, in libbpf's order: section classification (`bpf_object__elf_collect`), BTF DATASEC
 fix-up, maps (BTF-defined `.maps` maps first, then one internal map per global-data section in section order:
-`bpf_object__init_maps`), relocation records checked in ELF order of the relocation sections
-(`bpf_object__collect_relos`, where the first bad one fails the open), then per entry program the code of every
-subprogram it calls appended once (`bpf_object__reloc_code`).
+`bpf_object__init_maps`), a prog array's static slots from `.rel.maps` (`bpf_object__collect_map_relos`),
+relocation records checked in ELF order of the relocation sections (`bpf_object__collect_relos`, where the first
+bad one fails the open), then per entry program the code of every subprogram it calls appended once
+(`bpf_object__reloc_code`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from toolchain.btf import LINKAGE_STATIC, Btf, BtfError, fixup_datasecs
+from toolchain.btf import LINKAGE_STATIC, Btf, BtfError, BtfType, fixup_datasecs
 from toolchain.elf import Function, ObjectFacts, Section
 from toolchain.insn import BPF_CALL, BPF_JMP, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, Insn
 
@@ -29,6 +30,8 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+BPF_MAP_TYPE_HASH_OF_MAPS = 13
 # map_flags
 BPF_F_RDONLY = 0x8
 BPF_F_WRONLY = 0x10
@@ -114,6 +117,9 @@ class MapSpec:
     freeze: bool  # .rodata*: frozen after the initial write
     percpu_data: bool  # an internal map made from a .percpu* section
     section_offset: int = 0  # offset of a .maps map's variable in .maps (what map relocations match)
+    # a PROG_ARRAY's static initialisation (`.values = { [i] = &prog }`): slot -> entry program name, written
+    # into the map once every program is loaded (libbpf's bpf_object__init_prog_arrays)
+    prog_values: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,6 +253,8 @@ def _btf_maps(btf: Btf) -> list[MapSpec]:
                 spec[m.name] = arr.nelems
             elif m.name in ("key", "value") and mt.kind == "ptr":
                 spec[f"{m.name}_size"] = btf.size_of(mt.type_id)
+            elif m.name == "values":
+                spec["value_size"] = _values_value_size(btf, var.name, spec, mt)
             else:
                 raise OpenFailure("sim_unsupported", f"unsupported by the simulator: map '{var.name}' "
                                                      f"field '{m.name}'", errno.EOPNOTSUPP)
@@ -255,6 +263,71 @@ def _btf_maps(btf: Btf) -> list[MapSpec]:
                            max_entries=spec["max_entries"], flags=spec["map_flags"], internal=False,
                            initial=None, freeze=False, percpu_data=False, section_offset=vsi.offset))
     return out
+
+
+def _values_value_size(btf: Btf, map_name: str, spec: dict[str, int], values: BtfType) -> int:
+    """libbpf's parse_btf_map_def for `__array(values, ...)`: only a prog array (map-in-map is not modelled),
+    of 4-byte values, declared as a zero-length array of pointers to a function prototype [D]."""
+    if spec["type"] != BPF_MAP_TYPE_PROG_ARRAY:
+        if spec["type"] in (BPF_MAP_TYPE_ARRAY_OF_MAPS, BPF_MAP_TYPE_HASH_OF_MAPS):
+            raise OpenFailure("sim_unsupported", f"unsupported by the simulator: map '{map_name}': map-in-map",
+                              errno.EOPNOTSUPP)
+        raise OpenFailure("bad_btf_map", f"libbpf: map '{map_name}': should be map-in-map or prog-array.",
+                          errno.ENOTSUP)
+    if spec["value_size"] not in (0, 4):
+        raise OpenFailure("bad_btf_map", f"libbpf: map '{map_name}': conflicting value size "
+                                         f"{spec['value_size']} != 4.", errno.EINVAL)
+    if values.kind != "array" or values.nelems:
+        raise OpenFailure("bad_btf_map", f"libbpf: map '{map_name}': prog-array value type is not a zero-sized "
+                                         "array.", errno.EINVAL)
+    ptr = btf.get(btf.resolve(values.type_id))
+    target = btf.get(btf.resolve(ptr.type_id)) if ptr.kind == "ptr" else None
+    if target is None or target.kind != "func_proto":
+        raise OpenFailure("bad_btf_map", f"libbpf: map '{map_name}': prog-array value def is of unexpected "
+                                         "kind.", errno.EINVAL)
+    return 4
+
+
+def _prog_values(facts: ObjectFacts, btf: Btf, maps: Sequence[MapSpec]) -> None:
+    """Fill each prog array's `prog_values` from the `.rel.maps` relocations (libbpf's
+    bpf_object__collect_map_relos): a relocation inside a map's variable names the entry program of slot
+    (offset - offset of the `values` member) / 8 [D]."""
+    relocs = facts.relocs.get(MAPS_SEC, [])
+    sec = btf.datasecs().get(MAPS_SEC)
+    if not relocs or sec is None:
+        return
+    entries = {f.name: f for f in facts.functions if f.is_program}
+    for i, r in enumerate(relocs):
+        name = r.symbol.name
+        found = next(((m, v) for m in maps if not m.internal for v in sec.var_secinfos
+                      if v.offset == m.section_offset and v.offset <= r.offset and r.offset + 8 <= v.offset + v.size),
+                     None)
+        if found is None:
+            raise OpenFailure("bad_map_relo", f"libbpf: .maps relo #{i}: cannot find map '{name}' at rel->r_offset "
+                                              f"{r.offset}", errno.EINVAL)
+        spec, vsi = found
+        if spec.type in (BPF_MAP_TYPE_ARRAY_OF_MAPS, BPF_MAP_TYPE_HASH_OF_MAPS):
+            raise OpenFailure("sim_unsupported", f"unsupported by the simulator: map '{spec.name}': map-in-map",
+                              errno.EOPNOTSUPP)
+        if spec.type != BPF_MAP_TYPE_PROG_ARRAY:
+            raise OpenFailure("bad_map_relo", f"libbpf: .maps relo #{i}: map '{spec.name}' has no values",
+                              errno.EINVAL)
+        prog = entries.get(name)
+        if prog is None:
+            raise OpenFailure("bad_map_relo", f"libbpf: .maps relo #{i}: '{name}' isn't a BPF program")
+        sym_section = facts.section_by_index(r.symbol.section_index)
+        if sym_section is None or sym_section.name != prog.section or r.symbol.value != prog.start * 8:
+            raise OpenFailure("bad_map_relo", f"libbpf: .maps relo #{i}: '{name}' isn't an entry-point program")
+        struct = btf.get(btf.resolve(btf.get(vsi.type_id).type_id))
+        last = struct.members[-1] if struct.members else None
+        if last is None or last.name != "values" or r.offset - vsi.offset < last.bit_offset // 8:
+            raise OpenFailure("bad_map_relo", f"libbpf: .maps relo #{i}: not in map '{spec.name}' values",
+                              errno.EINVAL)
+        off = r.offset - vsi.offset - last.bit_offset // 8
+        if off % 8:
+            raise OpenFailure("bad_map_relo", f"libbpf: .maps relo #{i}: misaligned slot in map '{spec.name}'",
+                              errno.EINVAL)
+        spec.prog_values[off // 8] = name
 
 
 # -- prepare ---------------------------------------------------------------------------------------------
@@ -356,6 +429,7 @@ def prepare(facts: ObjectFacts, profile: LoaderProfile) -> PreparedObject:
         if fixed is None:
             raise OpenFailure("btf_missing", "libbpf: elf: .maps section needs BTF", errno.EINVAL)
         maps += _btf_maps(fixed)
+        _prog_values(facts, fixed, maps)
     section_map: dict[int, int] = {}  # section index -> index in maps
     for idx, kind in data_kinds.items():
         sec = facts.section_by_index(idx)

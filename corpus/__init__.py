@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from corpus.edges import at_percpu_limit, one_byte_variables, over_percpu_limit, plain_data, static_only_sections
+from corpus.edges import (
+    at_percpu_limit,
+    one_byte_variables,
+    over_percpu_limit,
+    plain_data,
+    static_only_sections,
+    tail_call_shared_variable,
+)
 from corpus.selftest import selftest_model
 from generators.model import ProgramModel
 
@@ -17,4 +24,5 @@ CORPUS: dict[str, Callable[[tuple[int, ...]], ProgramModel]] = {
     "one_byte_variables": one_byte_variables,
     "static_only_sections": static_only_sections,
     "plain_data": plain_data,
+    "tail_call_shared_variable": tail_call_shared_variable,
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from generators.ctype import Array, Scalar
-from generators.model import Access, Add, Copy, Function, ProgramModel, Run, Store, StoreCpu, Variable
+from generators.model import Access, Add, Copy, Function, ProgramModel, Run, Store, StoreCpu, TailCall, Variable
 
 U8, U64 = Scalar("u8"), Scalar("u64")
 
@@ -53,3 +53,13 @@ def plain_data(cpus: tuple[int, ...] = (0, 1)) -> ProgramModel:
           Variable("g", Scalar("s32"), ".rodata.tag", init=(2,)))
     prog = Function("touch", (Add(Access("d"), 1), StoreCpu(Access("b")), Copy(Access("t"), Access("r"))))
     return ProgramModel("plain_data", vs, (prog,), _runs("touch", cpus))
+
+
+def tail_call_shared_variable(cpus: tuple[int, ...] = (0, 1)) -> ProgramModel:
+    """Tail calls sharing one per-CPU variable (spec §7): prog0 writes it and tail-calls prog1, which increments
+    the same variable and stores the CPU id, in the slot of the CPU prog0 runs on. prog0's store after the tail
+    call must never happen."""
+    vs = (Variable("hits", U64, ".percpu", init=(100,)), Variable("cpu_id", Scalar("u32"), ".percpu"))
+    caller = Function("prog0", (Store(Access("hits"), 1), TailCall("prog1"), Store(Access("hits"), 0xDEAD)))
+    callee = Function("prog1", (Add(Access("hits"), 1), StoreCpu(Access("cpu_id"))))
+    return ProgramModel("tail_call", vs, (caller, callee), _runs("prog0", cpus))

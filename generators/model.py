@@ -14,6 +14,7 @@ from generators.ctype import Array, CType, Enum, Field, Leaf, LeafSlot, Path, Re
 
 PERCPU_SECTIONS = (".percpu",)  # plus ".percpu.<name>"
 WRITABLE_SECTIONS = (".data", ".bss")
+JMP_TABLE = "jmp_table"  # the PROG_ARRAY every TailCall goes through
 
 
 def is_percpu_section(section: str) -> bool:
@@ -92,7 +93,18 @@ class Call:
     function: str
 
 
-Op = Union[Store, Add, Copy, StoreCpu, Branch, Call]  # noqa: UP007
+@dataclass(frozen=True)
+class TailCall:
+    """`bpf_tail_call(ctx, &jmp_table, INDEX)`: continue in another program on the same CPU and never return.
+
+    INDEX is the target's slot in the PROG_ARRAY `jmp_table` (its position among the model's programs). Only
+    programs tail-call: the ctx is the program's own argument, which subprograms do not have.
+    """
+
+    program: str
+
+
+Op = Union[Store, Add, Copy, StoreCpu, Branch, Call, TailCall]  # noqa: UP007
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,18 @@ class ProgramModel:
     def programs(self) -> tuple[Function, ...]:
         return tuple(f for f in self.functions if not f.subprogram)
 
+    def prog_slot(self, program: str) -> int:
+        """A program's index in `jmp_table`."""
+        for i, f in enumerate(self.programs):
+            if f.name == program:
+                return i
+        raise KeyError(program)
+
+    @property
+    def has_tail_calls(self) -> bool:
+        """Whether the rendering declares `jmp_table` (any function holds a TailCall)."""
+        return any(isinstance(op, TailCall) for f in self.functions for op in walk_ops(f.ops))
+
     def slot(self, access: Access) -> LeafSlot:
         return resolve(self.variable(access.var).type, access.path)
 
@@ -146,9 +170,19 @@ class ProgramModel:
         return seen
 
 
+def walk_ops(ops: tuple[Op, ...]) -> list[Op]:
+    """Every operation, branch bodies included, in program order."""
+    out: list[Op] = []
+    for op in ops:
+        out.append(op)
+        if isinstance(op, Branch):
+            out += walk_ops(op.then) + walk_ops(op.orelse)
+    return out
+
+
 # JSON: every dataclass becomes {"@type": ClassName, ...fields}; tuples become lists and come back as tuples.
 _CLASSES = {c.__name__: c for c in (Scalar, Enum, Array, Field, Record, Variable, Access, Store, Add, Copy,
-                                    StoreCpu, Branch, Call, Function, Run, ProgramModel)}
+                                    StoreCpu, Branch, Call, TailCall, Function, Run, ProgramModel)}
 
 
 def register_json_classes(*classes: type) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from generators.ctype import Array, CType, Enum, Leaf, Record, Scalar, init_slots, named_types
 from generators.model import (
+    JMP_TABLE,
     Access,
     Add,
     Branch,
@@ -24,7 +25,9 @@ from generators.model import (
     ProgramModel,
     Store,
     StoreCpu,
+    TailCall,
     Variable,
+    walk_ops,
 )
 
 PRELUDE = """\
@@ -41,6 +44,7 @@ typedef signed long long __s64;
 #define __noinline __attribute__((noinline))
 #define __uint(name, val) int (*name)[val]
 #define __type(name, val) typeof(val) *name
+#define __array(name, val) typeof(val) *name[]
 
 static __u32 (*bpf_get_smp_processor_id)(void) = (void *)8;
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
@@ -48,6 +52,8 @@ static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 
 UNSIGNED_OF_SIZE = {1: "__u8", 2: "__u16", 4: "__u32", 8: "__u64"}
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_PROG_ARRAY = 3
+TAIL_CALL_HELPER = "static long (*bpf_tail_call)(void *ctx, void *prog_array_map, __u32 index) = (void *)12;"
 
 
 def c_literal(value: int, leaf: Leaf) -> str:
@@ -207,6 +213,8 @@ class _Emitter:
             return [*lines, f"{indent}}}"]
         if isinstance(op, Call):
             return [f"{indent}{op.function}();"]
+        if isinstance(op, TailCall):
+            return [f"{indent}bpf_tail_call(ctx, &{JMP_TABLE}, {self.model.prog_slot(op.program)});"]
         raise TypeError(op)
 
 
@@ -214,6 +222,41 @@ def _function_head(fn: Function) -> str:
     if fn.subprogram:
         return f"static __noinline int {fn.name}(void)"
     return f'SEC("raw_tp") int {fn.name}(void *ctx)'
+
+
+def check_tail_calls(model: ProgramModel) -> None:
+    """Tail calls come from programs (the ctx is their argument) and go to programs."""
+    programs = {f.name for f in model.programs}
+    for fn in model.functions:
+        for op in walk_ops(fn.ops):
+            if not isinstance(op, TailCall):
+                continue
+            if fn.subprogram:
+                raise ValueError(f"subprogram {fn.name} tail-calls {op.program}: only programs have a ctx")
+            if op.program not in programs:
+                raise ValueError(f"{fn.name} tail-calls {op.program}, which is not a program")
+
+
+def jmp_table(model: ProgramModel) -> list[str]:
+    """The PROG_ARRAY every tail call goes through, statically initialised (libbpf fills it after load).
+
+    Every program gets its slot, named in model order: clang emits functions in the order they are first
+    referenced, so this keeps the programs' ELF (and load) order equal to the model's."""
+    if not model.has_tail_calls:
+        return []
+    check_tail_calls(model)
+    progs = model.programs
+    slots = ", ".join(f"[{i}] = (void *)&{f.name}" for i, f in enumerate(progs))
+    return [
+        TAIL_CALL_HELPER,
+        *(_function_head(f) + ";" for f in progs),
+        "struct {",
+        f"\t__uint(type, {BPF_MAP_TYPE_PROG_ARRAY} /* BPF_MAP_TYPE_PROG_ARRAY */);",
+        f"\t__uint(max_entries, {len(progs)});",
+        "\t__type(key, __u32);",
+        "\t__array(values, int (void *));",
+        f'}} {JMP_TABLE} SEC(".maps") = {{ .values = {{ {slots} }} }};',
+    ]
 
 
 def _common(model: ProgramModel, variables: list[Variable]) -> list[str]:
@@ -231,6 +274,7 @@ def render_global(model: ProgramModel) -> str:
     out = _common(model, list(model.variables))
     out += [variable_definition(v) for v in model.variables]
     out.append("")
+    out += jmp_table(model)
     out += [_function_head(f) + ";" for f in model.functions if f.subprogram]
     emitter = _Emitter(model, {})
     for fn in model.functions:
@@ -274,6 +318,7 @@ def render_lowered(model: ProgramModel, offsets: Mapping[str, int]) -> str:
             f'}} {ident} SEC(".maps");',
         ]
     out.append("")
+    out += jmp_table(model)
     out += [_function_head(f) + ";" for f in model.functions if f.subprogram]
     emitter = _Emitter(model, var_base)
     for fn in model.functions:

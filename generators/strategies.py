@@ -24,6 +24,7 @@ from generators.model import (
     Run,
     Store,
     StoreCpu,
+    TailCall,
     Variable,
 )
 from generators.render import init_leaves
@@ -161,19 +162,24 @@ def accesses(draw: st.DrawFn, candidates: Sequence[Variable]) -> Access:
 
 @st.composite
 def operations(draw: st.DrawFn, model_vars: Sequence[Variable], callees: Sequence[str],
-               nested: bool = True) -> Op:
+               nested: bool = True, tail_targets: Sequence[str] = ()) -> Op:
+    """One operation; `tail_targets` are the programs this one may tail-call (none in subprograms)."""
     writable = [v for v in model_vars if not v.read_only]
     kinds = ["store", "add", "copy", "cpu"] if writable else []
     kinds += ["branch"] if nested and model_vars else []
     kinds += ["call"] if callees else []
+    kinds += ["tail"] if tail_targets else []  # last: shrinking moves away from it
     kind = draw(st.sampled_from(kinds))
+    if kind == "tail":
+        return TailCall(draw(st.sampled_from(tuple(tail_targets))))
     if kind == "call":
         return Call(draw(st.sampled_from(tuple(callees))))
     if kind == "branch":
         cond = draw(accesses(model_vars))
         leaf = _leaf_at(next(v.type for v in model_vars if v.name == cond.var), cond.path)
-        inner = 2 if writable or callees else 0
-        body = st.lists(operations(model_vars, callees, nested=False), max_size=inner).map(tuple)
+        inner = 2 if writable or callees or tail_targets else 0
+        body = st.lists(operations(model_vars, callees, nested=False, tail_targets=tail_targets),
+                        max_size=inner).map(tuple)
         return Branch(cond, draw(leaf_values(leaf)), draw(body), draw(body))
     dst = draw(accesses(writable))
     leaf = _leaf_at(next(v.type for v in writable if v.name == dst.var), dst.path)
@@ -197,14 +203,16 @@ def program_models(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_vars: i
     nsubs = draw(st.integers(0, max_subprograms))
     subs = [f"sub{i}" for i in range(nsubs)]
     functions = []
+    progs = [f"prog{i}" for i in range(nprogs)]
     for i in range(nprogs):
-        ops = draw(st.lists(operations(model_vars, subs), min_size=1, max_size=max_ops))
+        # a program only tail-calls later ones (prog0 -> prog1 -> prog2): no chain can loop
+        ops = draw(st.lists(operations(model_vars, subs, tail_targets=progs[i + 1:]), min_size=1,
+                            max_size=max_ops))
         functions.append(Function(f"prog{i}", tuple(ops)))
     for i, name in enumerate(subs):
         # a subprogram only calls later ones: no recursion, which the verifier would refuse
         ops = draw(st.lists(operations(model_vars, subs[i + 1:]), min_size=1, max_size=max_ops))
         functions.append(Function(name, tuple(ops), subprogram=True))
-    progs = [f.name for f in functions if not f.subprogram]
     runs = draw(st.lists(st.builds(Run, st.sampled_from(progs), st.sampled_from(tuple(cpus)), st.integers(1, 3)),
                          min_size=1, max_size=max_runs))
     name = draw(st.sampled_from(OBJECT_NAMES))

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 
 from generators.ctype import init_slots, round_up
-from generators.model import ProgramModel, Variable
+from generators.model import JMP_TABLE, ProgramModel, Variable
 from oracle.profiles import (
     BPF_F_MMAPABLE,
     BPF_F_RDONLY_PROG,
@@ -145,6 +145,12 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
 
     machine = Machine(model, facts, possible_cpus)
     load_error: tuple[int, str] | None = None
+    if model.has_tail_calls:
+        # the tail calls' PROG_ARRAY: any libbpf makes it as for every `.maps` map; the oracle has no opinion
+        # on its sizes or contents (null: not compared), only that it exists and shares the object's fate
+        result["maps"].append(map_entry(
+            name=JMP_TABLE, kernel_name=None, section=None, type="prog_array", key_size=None,
+            value_size=None, max_entries=None, flags=None, internal=None, created=True))
     for section in sections:
         kind = kinds[section]
         if kind is None:
@@ -211,7 +217,7 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
             m["created"] = False
     readable = loaded or libbpf.keeps_maps_on_failure
     for m in result["maps"]:
-        if m["created"] and readable:
+        if m["created"] and readable and m["section"] in machine.images:
             m["before"] = machine.snapshot(m["section"], m["value_size"])
     for run in model.schedule:
         ok = loaded and verdicts.get(run.program, ("",))[0] == "accepted"
@@ -223,7 +229,7 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
         result["runs"].append({"program": run.program, "cpu": run.cpu, "count": run.count,
                                "retval": retvals})
     for m in result["maps"]:
-        if m["created"] and readable:
+        if m["created"] and readable and m["section"] in machine.images:
             m["after"] = machine.snapshot(m["section"], m["value_size"])
     return result
 

@@ -4,8 +4,11 @@ per-CPU sections. This is the oracle's runtime truth; it knows nothing of eBPF."
 from __future__ import annotations
 
 from generators.ctype import decode, encode, wrap
-from generators.model import Access, Add, Branch, Call, Copy, Op, ProgramModel, Store, StoreCpu
+from generators.model import Access, Add, Branch, Call, Copy, Op, ProgramModel, Store, StoreCpu, TailCall
 from toolchain.elf import ObjectFacts
+
+# The kernel's MAX_TAIL_CALL_CNT: past it bpf_tail_call fails and the caller goes on [V: include/linux/bpf.h].
+MAX_TAIL_CALLS = 33
 
 
 class Machine:
@@ -14,6 +17,7 @@ class Machine:
         self.possible_cpus = possible_cpus
         self.images: dict[str, list[bytearray]] = {}  # section -> one image, or one per possible CPU
         self.percpu: dict[str, bool] = {}
+        self.tail_calls = 0
         self.offsets = {}
         for v in model.variables:
             sym = facts.variable_symbol(v.section, v.name)
@@ -30,6 +34,8 @@ class Machine:
         return [bytes(img[:value_size]).ljust(value_size, b"\0").hex() for img in self.images[section]]
 
     def run(self, function: str, cpu: int) -> None:
+        """One test run of a program on `cpu`; a tail call continues in its target on the same CPU."""
+        self.tail_calls = 0
         self._ops(self.model.function(function).ops, cpu)
 
     def _where(self, access: Access, cpu: int) -> tuple[bytearray, int, int]:
@@ -51,7 +57,8 @@ class Machine:
         leaf = self.model.leaf(access)
         image[off:off + size] = encode(wrap(value, leaf), leaf)
 
-    def _ops(self, ops: tuple[Op, ...], cpu: int) -> None:
+    def _ops(self, ops: tuple[Op, ...], cpu: int) -> bool:
+        """Run `ops`; True when a tail call took over, which ends every enclosing level too."""
         for op in ops:
             if isinstance(op, Store):
                 self.write(op.dst, cpu, op.value)
@@ -63,8 +70,17 @@ class Machine:
                 self.write(op.dst, cpu, cpu)
             elif isinstance(op, Branch):
                 taken = self.read(op.cond, cpu) > op.threshold
-                self._ops(op.then if taken else op.orelse, cpu)
+                if self._ops(op.then if taken else op.orelse, cpu):
+                    return True
             elif isinstance(op, Call):
-                self.run(op.function, cpu)
+                if self._ops(self.model.function(op.function).ops, cpu):
+                    return True
+            elif isinstance(op, TailCall):
+                if self.tail_calls >= MAX_TAIL_CALLS:
+                    continue  # the helper fails and returns to the caller
+                self.tail_calls += 1
+                self._ops(self.model.function(op.program).ops, cpu)
+                return True
             else:
                 raise TypeError(op)
+        return False

@@ -6,8 +6,11 @@ contract, `compare` walks two results field by field and names the layer to blam
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,9 @@ def new_result(source: str, env: dict[str, Any], obj: dict[str, str] | None) -> 
 
 
 def map_entry(*, name: str | None, kernel_name: str | None, section: str | None, type: str,  # noqa: A002
-              key_size: int, value_size: int | None, max_entries: int, flags: int | None, internal: bool,
-              created: bool, before: list[str] | None = None, after: list[str] | None = None) -> dict:
+              key_size: int | None, value_size: int | None, max_entries: int | None, flags: int | None,
+              internal: bool | None, created: bool, before: list[str] | None = None,
+              after: list[str] | None = None) -> dict:
     return {"name": name, "kernel_name": kernel_name, "section": section, "type": type, "key_size": key_size,
             "value_size": value_size, "max_entries": max_entries, "flags": flags, "internal": internal,
             "created": created, "before": before, "after": after}
@@ -148,10 +152,11 @@ class _Walker:
         if expected != observed:
             self.out.divergences.append(Divergence(path, expected, observed, layer))
 
-    def keyed(self, path: str, expected: list[dict], observed: list[dict], key: str, fields: tuple[str, ...],
-              layer_of: dict[str, str], layer: str) -> None:
-        exp = {e[key]: e for e in expected}
-        obs = {o[key]: o for o in observed}
+    def keyed(self, path: str, expected: list[dict], observed: list[dict], key: str | Callable[[dict], Any],
+              fields: tuple[str, ...], layer_of: dict[str, str], layer: str) -> None:
+        key_of = key if callable(key) else itemgetter(key)
+        exp = {key_of(e): e for e in expected}
+        obs = {key_of(o): o for o in observed}
         for k in exp.keys() - obs.keys():
             self.out.divergences.append(Divergence(f"{path}[{k}]", "present", "absent", layer))
         for k in obs.keys() - exp.keys():
@@ -175,12 +180,18 @@ class _Walker:
 
 def compare(expected: Result, observed: Result, *, sections: bool = True,
             layers: tuple[str, ...] = LAYERS) -> Comparison:
-    """Field-by-field comparison; maps are matched by section (or name), programs by name, runs by order.
+    """Field-by-field comparison; maps are matched by section (`.maps` maps, and all maps when not `sections`,
+    by name), programs by name, runs by order.
     `layers` restricts the comparison to the fields those layers own."""
     full = _compare(expected, observed, sections)
     if layers == LAYERS:
         return full
     return Comparison([d for d in full.divergences if d.layer in layers], full.compared, full.not_compared)
+
+
+def _map_key(entry: dict, *, sections: bool) -> str | None:
+    """A global-data map is known by its section; a `.maps` map (section null) only by its name."""
+    return entry["section"] if sections and entry["section"] is not None else entry["name"]
 
 
 def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
@@ -189,8 +200,7 @@ def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
         w.leaf(f"open.{f}", expected["open"].get(f), observed["open"].get(f), "loader")
     w.keyed("variables", expected["variables"], observed["variables"], "name", ("section", "offset", "size"),
             {}, "compiler")
-    key = "section" if sections else "name"
-    w.keyed("maps", expected["maps"], observed["maps"], key, MAP_FIELDS,
+    w.keyed("maps", expected["maps"], observed["maps"], functools.partial(_map_key, sections=sections), MAP_FIELDS,
             {"before": "loader", "after": "runtime"}, "loader")
     w.keyed("programs", expected["programs"], observed["programs"], "name", PROGRAM_FIELDS, {}, "verifier")
     if len(expected["runs"]) != len(observed["runs"]):

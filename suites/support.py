@@ -74,7 +74,7 @@ def write_bundle(name: str, compiled: Compiled, documents: dict[str, Result], di
 def lowered_as_global(lowered: Result, global_result: Result, model: ProgramModel) -> Result:
     """The lowered observation re-keyed as the global rendering: each section's 1-entry PERCPU_ARRAY (named by
     `section_ident`) stands for that section's map, its value cut to the section size (the lowered struct may
-    carry tail padding). Ordinary data maps are taken as they are."""
+    carry tail padding). Ordinary data maps, and `.maps` maps of the same name, are taken as they are."""
     out = json.loads(json.dumps(lowered))
     by_name = {m["name"]: m for m in lowered["maps"]}
     maps = []
@@ -89,6 +89,8 @@ def lowered_as_global(lowered: Result, global_result: Result, model: ProgramMode
             # only the contents stand for the global map: names, flags and sizes are the lowered map's own
             maps.append({**{k: None for k in m}, "section": m["section"], "created": low["created"],
                          "before": cut[0], "after": cut[1]})
+        elif m["section"] is None:  # a `.maps` map of both renderings (the tail calls' jmp_table)
+            maps.extend(x for x in lowered["maps"] if x["section"] is None and x["name"] == m["name"])
         else:
             maps.extend(x for x in lowered["maps"] if x["section"] == m["section"])
     out["maps"] = maps

@@ -18,7 +18,7 @@ from toolchain.elf import ObjectFacts
 def check_images(prediction: Result, facts: ObjectFacts, possible_cpus: int) -> None:
     assert not validate(prediction), validate(prediction)
     for m in prediction["maps"]:
-        if not m["created"]:
+        if not m["created"] or m["section"] is None:  # a `.maps` map (jmp_table) has no section image
             continue
         section = facts.section(m["section"])
         expected = section.data[: m["value_size"]].ljust(m["value_size"], b"\0").hex()

@@ -48,6 +48,9 @@ def test_generated_programs_load_on_merged(model: ProgramModel):
     for run in result["runs"]:
         assert (run["retval"] is None) == (run["cpu"] not in ONLINE), run
     for m in result["maps"]:
+        if m["type"] == "prog_array":  # the tail calls' jmp_table holds programs, not bytes
+            assert m["before"] is None and m["after"] is None
+            continue
         slots = 4 if m["type"] == "percpu_array" else 1
         assert len(m["before"]) == len(m["after"]) == slots
         if m["type"] == "percpu_array":

@@ -152,6 +152,8 @@ def _stride(value_size: int) -> int:
 
 def _read_key0(fd: int, map_type: int, key_size: int, value_size: int, ncpus: int) -> list[str] | None:
     """Key 0's value: one hex slot per possible CPU for per-CPU maps, else one; None when there is none."""
+    if map_type == objload.BPF_MAP_TYPE_PROG_ARRAY:
+        return None  # prog arrays hold programs (a lookup gives a program id that changes every load), not bytes
     percpu = map_type in bpf.PERCPU_MAP_TYPES
     length = ncpus * _stride(value_size) if percpu else max(value_size, 1)
     try:
@@ -493,6 +495,8 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
             result["programs"].append(program_entry(prog.name, "accepted",
                                                     xlated_insns=bpf.prog_info(fd).xlated_prog_len // 8))
         if not failed:
+            failed = not _init_prog_arrays(specs, entries, fds, prog_fds, result)
+        if not failed:
             result["load"] = {"ok": True, "errno": 0, "message": None}
         for spec, entry, fd in zip(specs, entries, fds, strict=True):
             entry["before"] = _read_key0(fd, spec.type, spec.key_size, spec.value_size, ncpus)
@@ -500,6 +504,27 @@ def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
         for spec, entry, fd in zip(specs, entries, fds, strict=True):
             entry["after"] = _read_key0(fd, spec.type, spec.key_size, spec.value_size, ncpus)
     return result
+
+
+def _init_prog_arrays(specs: Sequence[objload.MapSpec], entries: Sequence[dict[str, Any]], fds: Sequence[int],
+                      prog_fds: Mapping[str, int], result: Result) -> bool:
+    """What libbpf does after loading every program (bpf_object__init_prog_arrays): write each statically
+    initialised prog array slot. False, with the failing map's errno recorded, when an update fails."""
+    for spec, entry, fd in zip(specs, entries, fds, strict=True):
+        for slot, name in sorted(spec.prog_values.items()):
+            err, why = _errno.EINVAL, "not loaded"
+            if name in prog_fds:
+                try:
+                    bpf.map_update_elem(fd, slot.to_bytes(4, "little"), prog_fds[name].to_bytes(4, "little"))
+                    continue
+                except bpf.BpfError as e:
+                    err, why = e.errno, e.strerror
+            entry["errno"] = err
+            result["load"] = {"ok": False, "errno": err,
+                              "message": f"map {spec.name!r}: failed to initialize slot [{slot}] to prog {name!r}: "
+                                         f"{why}"}
+            return False
+    return True
 
 
 def observe(obj_path: str | Path, *, loader: str = "libbpf", libbpf: Libbpf | None = None,

@@ -33,7 +33,7 @@ from backends.objload import (
     round_up,
 )
 from backends.sim import verifier as vf
-from backends.sim.interp import BpfFault, Machine, Memory, TailCall, run
+from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, run
 from toolchain.insn import Insn
 
 U32 = (1 << 32) - 1
@@ -442,8 +442,9 @@ class SimKernel:
         sm = self._helper_map(m, 2)
         index = m.regs[3] & U32
         target = sm.progs[index] if sm.progs is not None and index < sm.max_entries else None
-        if target is None:
+        if target is None or m.tail_calls >= MAX_TAIL_CALLS:
             return m.regs[0]  # a failed tail call falls through and leaves r0 alone
+        # the target runs in the same Machine: same CPU, same per-CPU offset, so the same per-CPU slots
         return TailCall(target.insns)
 
     @staticmethod

@@ -185,6 +185,26 @@ class _Load:
         self.prog_fds[prog.name] = fd
         return program_entry(prog.name, "accepted", xlated_insns=xlated)
 
+    def init_prog_arrays(self) -> None:
+        """libbpf's bpf_object__init_prog_arrays: once every program is loaded, each statically initialised
+        prog array slot gets its program's fd; a failed update fails the load."""
+        if not self.ok:
+            return
+        for i, spec in enumerate(self.prepared.maps):
+            if not self.created[i]:
+                continue
+            for slot, name in sorted(spec.prog_values.items()):
+                try:
+                    fd = self.prog_fds.get(name)
+                    if fd is None:
+                        raise SimError(errno.EINVAL, f"program '{name}' is not loaded")
+                    self.kernel.map_update(self.map_fds[i], slot.to_bytes(4, "little"), fd.to_bytes(4, "little"))
+                except SimError as e:
+                    self.map_errors[i] = SimError(e.errno, f"map '{spec.name}': failed to initialize slot [{slot}] "
+                                                           f"to prog '{name}': {e.message}", e.error_class)
+                    self.ok = False
+                    return
+
     @property
     def maps_kept(self) -> bool:
         """A failed load tears the object down (libbpf's bpf_object_unload) unless the loader keeps maps."""
@@ -242,6 +262,7 @@ def observe(obj_path: str | Path, *, profile: str = "merged", possible_cpus: int
     load = _Load(prepared, loader, kernel, initial_values or {})
     load.create_maps()
     load.load_programs()
+    load.init_prog_arrays()
     before = load.contents()
     result["programs"] = [load.verdicts[p.name] for p in prepared.programs]
     result["runs"] = [_run(kernel, load, name, cpu, count) for name, cpu, count in runs]
