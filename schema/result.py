@@ -153,14 +153,15 @@ class _Walker:
             self.out.divergences.append(Divergence(path, expected, observed, layer))
 
     def keyed(self, path: str, expected: list[dict], observed: list[dict], key: str | Callable[[dict], Any],
-              fields: tuple[str, ...], layer_of: dict[str, str], layer: str) -> None:
+              fields: tuple[str, ...], layer_of: dict[str, str], layer: str, presence_layer: str | None = None) -> None:
         key_of = key if callable(key) else itemgetter(key)
         exp = {key_of(e): e for e in expected}
         obs = {key_of(o): o for o in observed}
+        presence = presence_layer or layer
         for k in exp.keys() - obs.keys():
-            self.out.divergences.append(Divergence(f"{path}[{k}]", "present", "absent", layer))
+            self.out.divergences.append(Divergence(f"{path}[{k}]", "present", "absent", presence))
         for k in obs.keys() - exp.keys():
-            self.out.divergences.append(Divergence(f"{path}[{k}]", "absent", "present", layer))
+            self.out.divergences.append(Divergence(f"{path}[{k}]", "absent", "present", presence))
         for k in sorted(exp.keys() & obs.keys(), key=str):
             for f in fields:
                 where = f"{path}[{k}].{f}"
@@ -198,8 +199,9 @@ def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
     w = _Walker()
     for f in ("ok", "error_class"):
         w.leaf(f"open.{f}", expected["open"].get(f), observed["open"].get(f), "loader")
+    # a variable's place is clang's doing; whether it is reported at all is the loader's (a skipped section)
     w.keyed("variables", expected["variables"], observed["variables"], "name", ("section", "offset", "size"),
-            {}, "compiler")
+            {}, "compiler", presence_layer="loader")
     w.keyed("maps", expected["maps"], observed["maps"], functools.partial(_map_key, sections=sections), MAP_FIELDS,
             {"before": "loader", "after": "runtime"}, "loader")
     w.keyed("programs", expected["programs"], observed["programs"], "name", PROGRAM_FIELDS, {}, "verifier")
@@ -209,4 +211,6 @@ def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
     else:
         for i, (e, o) in enumerate(zip(expected["runs"], observed["runs"], strict=True)):
             w.leaf(f"runs[{i}].retval", e.get("retval"), o.get("retval"), "runtime")
+            if o.get("fault") and not e.get("fault"):  # a run that faulted has no retval to compare
+                w.out.divergences.append(Divergence(f"runs[{i}].fault", None, o["fault"], "runtime"))
     return w.out

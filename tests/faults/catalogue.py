@@ -436,9 +436,8 @@ _FAULTS = [
           value_size_rounded, caught_by="maps", layer="loader"),
     Fault("percpu_prefix_unrecognised", "Only the exact `.percpu` is per-CPU; `.percpu.<name>` is skipped as "
           "an unrecognised section.", percpu_prefix_unrecognised, caught_by="maps",
-          # blamed on the compiler: the simulator lists variables only of sections it made maps of (none at all
-          # when the open fails), and a missing variable is a compiler-layer field, the earliest layer
-          layer="compiler"),
+          # the section's variables go unreported: their absence is the loader's, not clang's
+          layer="loader"),
     Fault("percpu_mmapable", "BPF_F_MMAPABLE set on the per-CPU map, which map creation refuses.",
           percpu_mmapable, caught_by="maps", layer="loader"),
     Fault("percpu_limit_inclusive", "A per-CPU value of exactly 32 KiB is refused (>= for > against the "
