@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import Phase, given, settings
 
 from generators.model import ProgramModel
 from generators.render import render_global
-from generators.strategies import program_models
 from schema.result import compare
 from suites.backends import KernelBackend, SimBackend, Unavailable
+from suites.gate import sample_models
 from suites.support import compile_global, predict_for, runs_of
 from toolchain.clang import Clang, compile_c
 
@@ -28,15 +27,7 @@ N_LEAK = int(os.environ.get("PERCPU_BENCH_LEAK_EXAMPLES", "5000"))
 
 
 def fixed_models(n: int, cpus: tuple[int, ...] = (0, 1)) -> list[ProgramModel]:
-    out: list[ProgramModel] = []
-
-    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
-    @given(program_models(cpus=cpus))
-    def collect(model: ProgramModel) -> None:
-        out.append(model)
-
-    collect()
-    return out[:n]
+    return sample_models(n, cpus)
 
 
 @pytest.fixture(scope="module")
