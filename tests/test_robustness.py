@@ -178,7 +178,9 @@ def test_sigint_mid_run_stops_cleanly_and_keeps_what_it_found(tmp_path):
     env = {**ENV, "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "suites", "-q", "--backend", "sim",
                              "--backend", "kernel", "--hypothesis-profile=ci"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            # a background job may inherit SIGINT ignored; the user's Ctrl-C is not ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(6)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
