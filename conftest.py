@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--clang", default=None, help="clang binary (default: clang-19 or newer on PATH)")
     g.addoption("--possible-cpus", type=int, default=4, help="simulated possible CPUs (default 4)")
     g.addoption("--online-cpus", default=None, help="simulated online CPUs, cpulist (default: all possible)")
+    g.addoption("--sim-profile", default=None,
+                help="simulator row to run instead of --profile's, e.g. a broken one (merged-norewrite)")
     g.addoption("--libbpf", default=None, help="libbpf.so for the kernel backend (default: the system's)")
     g.addoption("--loader", default=None, choices=("libbpf", "raw"),
                 help="kernel backend loader (default: both)")
@@ -120,7 +122,8 @@ def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
     if key not in _BACKENDS:
         try:
             if key == "sim":
-                _BACKENDS[key] = SimBackend(config.profile, config.possible_cpus, config.online_cpus)
+                _BACKENDS[key] = SimBackend(config.profile, config.possible_cpus, config.online_cpus,
+                                            sim_profile=request.config.getoption("--sim-profile"))
             elif key.startswith("kernel-"):
                 _BACKENDS[key] = KernelBackend(key.removeprefix("kernel-"), config.libbpf, clang)
             else:

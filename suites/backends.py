@@ -33,15 +33,18 @@ class Backend(Protocol):
 
 @dataclass
 class SimBackend:
-    profile: str
+    profile: str  # what the oracle predicts
     possible_cpus: int
     online_cpus: tuple[int, ...]
     name: str = "sim"
+    # what the simulator runs, when it differs from `profile`: one of its deliberately broken rows
+    # (e.g. "merged-norewrite") to see the suite catch it and replay it
+    sim_profile: str | None = None
 
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         from backends.sim.observe import observe
 
-        return observe(compiled.path, profile=self.profile, possible_cpus=self.possible_cpus,
+        return observe(compiled.path, profile=self.sim_profile or self.profile, possible_cpus=self.possible_cpus,
                        online_cpus=list(self.online_cpus), runs=runs, initial_values=initial_values)
 
 

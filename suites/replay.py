@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m suites.replay")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--backend", help="sim, kernel-libbpf or kernel-raw (default: the bundle's)")
-    parser.add_argument("--profile", help="sim profile (default: the bundle's)")
+    parser.add_argument("--profile", help="profile of the prediction (default: the bundle's)")
+    parser.add_argument("--sim-profile", help="simulator row to run, if not the profile's (default: the bundle's)")
     parser.add_argument("--clang")
     parser.add_argument("--libbpf")
     args = parser.parse_args(argv)
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         clang = Clang.find(args.clang)
         name = args.backend or meta["backend"]
         if name == "sim":
-            backend = SimBackend(args.profile or meta["profile"], meta["possible_cpus"], tuple(meta["online_cpus"]))
+            backend = SimBackend(args.profile or meta["profile"], meta["possible_cpus"], tuple(meta["online_cpus"]),
+                                 sim_profile=args.sim_profile or meta.get("sim_profile"))
         elif name.startswith("kernel-"):
             backend = KernelBackend(name.removeprefix("kernel-"), args.libbpf, clang)
         else:

@@ -104,7 +104,7 @@ class BundleError(OSError):
 
 def backend_meta(backend) -> dict:  # noqa: ANN001 - suites.backends.Backend
     return {"backend": backend.name, "profile": backend.profile, "possible_cpus": backend.possible_cpus,
-            "online_cpus": list(backend.online_cpus)}
+            "online_cpus": list(backend.online_cpus), "sim_profile": getattr(backend, "sim_profile", None)}
 
 
 def assert_same(name: str, compiled: Compiled, expected: Result, observed: Result,
