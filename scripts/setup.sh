@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf1 libbpf-dev python3-venv gcc libc6-dev)
 # `setup.sh vm`: what the VM backend needs as well (QEMU, busybox for the guest's init, Debian's generic kernel)
 if [ "${1:-}" = vm ]; then
-  APT_PACKAGES+=(qemu-system-x86 busybox-static linux-image-amd64)
+  APT_PACKAGES+=(qemu-system-x86 busybox-static linux-image-amd64 file)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
