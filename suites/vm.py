@@ -79,19 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                 plan.append((case, kind, compiled, obj))
                 requests.append({"object": str(obj.path.resolve()), "loader": loader, "runs": runs_of(model),
                                  "initial_values": initial})
-    except ToolchainError as e:
-        print(f"vm: {e}", file=sys.stderr)
-        return 3
-    except CompileError as e:
-        print(f"vm: {e}", file=sys.stderr)
-        return 3
-    except VmUnavailable as e:
-        print(f"vm: unavailable: {e}", file=sys.stderr)
-        return 4
-    start = time.perf_counter()
-    try:
+        start = time.perf_counter()
         session = VmSession(VmConfig(image, args.modules, args.vm_cpus, args.vm_memory, args.vm_timeout))
         observations = session.run_batch(requests)
+    except (ToolchainError, CompileError) as e:
+        print(f"vm: {e}", file=sys.stderr)
+        return 3
     except VmUnavailable as e:
         print(f"vm: unavailable: {e}", file=sys.stderr)
         return 4

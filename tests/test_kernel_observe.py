@@ -28,6 +28,7 @@ from generators.ctype import Scalar
 from generators.model import Access, Add, Function, ProgramModel, StoreCpu, Variable
 from generators.render import render_global, render_lowered
 from schema.result import validate
+from tests.objects import PRELUDE
 from toolchain.clang import Clang, ToolchainError, compile_c
 from toolchain.elf import read_object
 
@@ -41,12 +42,6 @@ pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parent.parent
 MMAPABLE, RDONLY_PROG = 0x400, 0x80
 
-PRELUDE = """\
-#define SEC(n) __attribute__((section(n), used))
-typedef unsigned int __u32; typedef unsigned long long __u64;
-static __u32 (*bpf_get_smp_processor_id)(void) = (void *) 8;
-char _license[] SEC("license") = "GPL";
-"""
 
 SOURCES = {
     "plain_data": """

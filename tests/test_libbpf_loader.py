@@ -29,6 +29,7 @@ from backends.kernel.libbpf import (
     LibbpfError,
     LibbpfMissing,
 )
+from tests.objects import PRELUDE
 
 if os.geteuid() != 0:
     pytest.skip("loading BPF objects needs root", allow_module_level=True)
@@ -45,12 +46,6 @@ libbpf_11 = pytest.mark.skipif(
     not LIB.version.startswith("1.1."), reason=f"expectations recorded on libbpf 1.1, found {LIB.version}"
 )
 
-PRELUDE = """\
-#define SEC(n) __attribute__((section(n), used))
-typedef unsigned int __u32; typedef unsigned long long __u64;
-static __u32 (*bpf_get_smp_processor_id)(void) = (void *) 8;
-char _license[] SEC("license") = "GPL";
-"""
 
 SOURCES = {
     # One variable in each kind of global data section libbpf 1.1 maps.
