@@ -108,10 +108,23 @@ Op = Union[Store, Add, Copy, StoreCpu, Branch, Call, TailCall]  # noqa: UP007
 
 
 @dataclass(frozen=True)
+class Replace:
+    """What an extension program replaces: the global subprogram `function` as linked into `program`, a program
+    of an object loaded earlier in the set (each program carries its own copy of a subprogram)."""
+
+    program: str
+    function: str
+
+
+@dataclass(frozen=True)
 class Function:
     name: str
     ops: tuple[Op, ...]
-    subprogram: bool = False  # False: a SEC("raw_tp") program; True: a static noinline subprogram
+    subprogram: bool = False  # False: a SEC("raw_tp") program; True: a noinline subprogram
+    # a subprogram with global linkage: the verifier checks it on its own, and only such a one can be replaced
+    exported: bool = False
+    # an extension program, SEC("freplace/<function>"): never run itself, it runs in place of its target
+    replaces: Replace | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,12 @@ class ProgramModel:
 
     @property
     def programs(self) -> tuple[Function, ...]:
+        """Every program, extension programs included (the loader offers them all to the kernel)."""
         return tuple(f for f in self.functions if not f.subprogram)
+
+    @property
+    def extensions(self) -> tuple[Function, ...]:
+        return tuple(f for f in self.functions if f.replaces is not None)
 
     def prog_slot(self, program: str) -> int:
         """A program's index in `jmp_table`."""
@@ -180,9 +198,46 @@ def walk_ops(ops: tuple[Op, ...]) -> list[Op]:
     return out
 
 
+@dataclass(frozen=True)
+class MapReuse:
+    """`object`'s map for `section` takes the fd of `source`'s map for the same section (bpf_map__reuse_fd
+    before load). Both objects declare that section's variables alike, so the layouts agree."""
+
+    object: str
+    section: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ObjectSet:
+    """Several objects loaded side by side into one kernel, in order. Each has its own maps unless a MapReuse
+    says otherwise; program names are unique across the set, so the schedule names programs alone."""
+
+    objects: tuple[ProgramModel, ...]
+    reuse: tuple[MapReuse, ...] = ()
+    schedule: tuple[Run, ...] = ()
+
+    def object(self, name: str) -> ProgramModel:
+        for m in self.objects:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def owner(self, program: str) -> ProgramModel:
+        """The object a program (or extension program) belongs to."""
+        for m in self.objects:
+            if any(f.name == program for f in m.programs):
+                return m
+        raise KeyError(program)
+
+    def reused(self, obj: str, section: str) -> MapReuse | None:
+        return next((r for r in self.reuse if r.object == obj and r.section == section), None)
+
+
 # JSON: every dataclass becomes {"@type": ClassName, ...fields}; tuples become lists and come back as tuples.
 _CLASSES = {c.__name__: c for c in (Scalar, Enum, Array, Field, Record, Variable, Access, Store, Add, Copy,
-                                    StoreCpu, Branch, Call, TailCall, Function, Run, ProgramModel)}
+                                    StoreCpu, Branch, Call, TailCall, Replace, Function, Run, ProgramModel,
+                                    MapReuse, ObjectSet)}
 
 
 def register_json_classes(*classes: type) -> None:
@@ -210,7 +265,7 @@ def from_jsonable(data: Any) -> Any:  # noqa: ANN401 - a JSON value
     return data
 
 
-def dumps(model: ProgramModel) -> str:
+def dumps(model: ProgramModel | ObjectSet) -> str:
     return json.dumps(to_jsonable(model), indent=1)
 
 
@@ -218,4 +273,11 @@ def loads(text: str) -> ProgramModel:
     model = from_jsonable(json.loads(text))
     if not isinstance(model, ProgramModel):
         raise ValueError("not a ProgramModel document")
+    return model
+
+
+def loads_set(text: str) -> ObjectSet:
+    model = from_jsonable(json.loads(text))
+    if not isinstance(model, ObjectSet):
+        raise ValueError("not an ObjectSet document")
     return model

@@ -220,13 +220,18 @@ class _Emitter:
 
 def _function_head(fn: Function) -> str:
     if fn.subprogram:
-        return f"static __noinline int {fn.name}(void)"
+        return f"{'' if fn.exported else 'static '}__noinline int {fn.name}(void)"
+    if fn.replaces is not None:
+        # the extension's prototype must match its target's: int (void)
+        return f'SEC("freplace/{fn.replaces.function}") int {fn.name}(void)'
     return f'SEC("raw_tp") int {fn.name}(void *ctx)'
 
 
 def check_tail_calls(model: ProgramModel) -> None:
     """Tail calls come from programs (the ctx is their argument) and go to programs."""
-    programs = {f.name for f in model.programs}
+    programs = {f.name for f in model.programs if f.replaces is None}
+    if model.extensions:
+        raise ValueError("tail calls and extension programs in one object are not generated")
     for fn in model.functions:
         for op in walk_ops(fn.ops):
             if not isinstance(op, TailCall):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataclasses import replace
+
 from hypothesis import strategies as st
 
 from generators.ctype import Array, CType, Enum, Field, Leaf, Path, Record, Scalar
@@ -19,13 +21,17 @@ from generators.model import (
     Call,
     Copy,
     Function,
+    MapReuse,
+    ObjectSet,
     Op,
     ProgramModel,
+    Replace,
     Run,
     Store,
     StoreCpu,
     TailCall,
     Variable,
+    walk_ops,
 )
 from generators.render import init_leaves
 
@@ -209,10 +215,15 @@ def operations(draw: st.DrawFn, model_vars: Sequence[Variable], callees: Sequenc
 @st.composite
 def program_models(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_vars: int = 6,
                    max_programs: int = 3, max_subprograms: int = 2, max_ops: int = 5,
-                   sections: Sequence[str] = SECTIONS, max_runs: int = 4) -> ProgramModel:
+                   sections: Sequence[str] = SECTIONS, max_runs: int = 4, tail_calls: bool = True,
+                   fixed_vars: tuple[Variable, ...] | None = None) -> ProgramModel:
+    """`fixed_vars`: use these variables instead of drawing them (an object set's later objects)."""
     tags = _Tags()
-    nvars = draw(st.integers(1, max_vars))
-    model_vars = tuple(draw(variables(tags, f"v{i}", sections)) for i in range(nvars))
+    if fixed_vars is None:
+        nvars = draw(st.integers(1, max_vars))
+        model_vars = tuple(draw(variables(tags, f"v{i}", sections)) for i in range(nvars))
+    else:
+        model_vars = fixed_vars
     nprogs = draw(st.integers(1, max_programs))
     nsubs = draw(st.integers(0, max_subprograms))
     subs = [f"sub{i}" for i in range(nsubs)]
@@ -220,7 +231,7 @@ def program_models(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_vars: i
     progs = [f"prog{i}" for i in range(nprogs)]
     for i in range(nprogs):
         # a program only tail-calls later ones (prog0 -> prog1 -> prog2): no chain can loop
-        ops = draw(st.lists(operations(model_vars, subs, tail_targets=progs[i + 1:]), min_size=1,
+        ops = draw(st.lists(operations(model_vars, subs, tail_targets=progs[i + 1:] if tail_calls else ()), min_size=1,
                             max_size=max_ops))
         functions.append(Function(f"prog{i}", tuple(ops)))
     for i, name in enumerate(subs):
@@ -228,6 +239,99 @@ def program_models(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_vars: i
         ops = draw(st.lists(operations(model_vars, subs[i + 1:]), min_size=1, max_size=max_ops))
         functions.append(Function(name, tuple(ops), subprogram=True))
     runs = draw(st.lists(st.builds(Run, st.sampled_from(progs), st.sampled_from(tuple(cpus)), st.integers(1, 3)),
-                         min_size=1, max_size=max_runs))
+                         min_size=min(1, max_runs), max_size=max_runs))
     name = draw(st.sampled_from(OBJECT_NAMES))
     return ProgramModel(name, model_vars, tuple(functions), tuple(runs))
+
+
+def _rename(model: ProgramModel, prefix: str) -> ProgramModel:
+    """Prefix every function name (calls follow), so program names are unique across an object set."""
+    def ops(items: tuple[Op, ...]) -> tuple[Op, ...]:
+        out: list[Op] = []
+        for op in items:
+            if isinstance(op, Call):
+                op = Call(prefix + op.function)
+            elif isinstance(op, Branch):
+                op = Branch(op.cond, op.threshold, ops(op.then), ops(op.orelse))
+            out.append(op)
+        return tuple(out)
+
+    functions = tuple(replace(f, name=prefix + f.name, ops=ops(f.ops)) for f in model.functions)
+    return replace(model, functions=functions, schedule=())
+
+
+def _calls(model: ProgramModel, caller: str, callee: str) -> bool:
+    """Whether `caller` reaches `callee` through calls."""
+    seen: set[str] = set()
+    todo = [caller]
+    while todo:
+        name = todo.pop()
+        for op in walk_ops(model.function(name).ops):
+            if isinstance(op, Call) and op.function not in seen:
+                seen.add(op.function)
+                todo.append(op.function)
+    return callee in seen
+
+
+@st.composite
+def object_sets(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_objects: int = 3,
+                max_runs: int = 5) -> ObjectSet:
+    """Objects loaded side by side. The first is drawn freely (no tail calls); each later one may declare some
+    of the first object's per-CPU sections alike (same variables, its own initialisers) and reuse that map or
+    not, holds variables of its own, and may carry an extension program replacing a subprogram of one of the
+    first object's programs — exported (replaceable) as a rule, static now and then (the kernel refuses)."""
+    names = draw(st.permutations(OBJECT_NAMES))
+    n = draw(st.integers(2, max_objects))
+    first = _rename(draw(program_models(cpus, max_vars=4, max_programs=2, max_runs=0, tail_calls=False)), "a_")
+    subs = [f for f in first.functions if f.subprogram]
+    target: tuple[str, str] | None = None
+    if subs and draw(st.booleans()):
+        sub = subs[0]  # the first subprogram: only programs call it, so it can be exported
+        callers = [p.name for p in first.programs if _calls(first, p.name, sub.name)]
+        if not callers:
+            prog = first.programs[0]
+            first = replace(first, functions=tuple(
+                replace(f, ops=(Call(sub.name), *f.ops)) if f is prog else f for f in first.functions))
+            callers = [prog.name]
+        exported = draw(st.sampled_from((True, True, True, False)))
+        first = replace(first, functions=tuple(replace(f, exported=exported) if f is sub else f
+                                               for f in first.functions))
+        target = (draw(st.sampled_from(callers)), sub.name)
+    first = replace(first, name=names[0])
+    objects, reuse = [first], []
+    shareable = [s for s in first.sections() if s in PERCPU_SECTIONS]
+    for k in range(1, n):
+        prefix = "bcd"[k - 1] + "_"
+        shared = draw(st.lists(st.sampled_from(shareable), unique=True)) if shareable else []
+        tags = _Tags()
+        copied = tuple(replace(v, init=draw(initialisers(v.type, v.section)))
+                       for v in first.variables if v.section in shared)
+        own_sections = [s for s in SECTIONS if s not in shared]
+        nvars = draw(st.integers(0 if copied else 1, 3))
+        own = tuple(draw(variables(tags, f"{prefix}v{i}", own_sections)) for i in range(nvars))
+        # named types of the copies keep their tags; the object's own types must not collide with them
+        own = tuple(replace(v, type=_retag(v.type, prefix)) for v in own)
+        model_vars = copied + own
+        body = _rename(draw(program_models(cpus, max_vars=0, max_programs=2, max_runs=0, tail_calls=False,
+                                           fixed_vars=model_vars)), prefix)
+        functions = body.functions
+        if target is not None and k == 1:
+            ops = draw(st.lists(operations(model_vars, ()), min_size=1, max_size=4))
+            functions += (Function(prefix + "ext", tuple(ops), replaces=Replace(*target)),)
+        objects.append(ProgramModel(names[k], model_vars, functions))
+        reuse += [MapReuse(names[k], s, names[0]) for s in shared if draw(st.booleans())]
+    runnable = [p.name for m in objects for p in m.programs if p.replaces is None]
+    runs = draw(st.lists(st.builds(Run, st.sampled_from(runnable), st.sampled_from(tuple(cpus)),
+                                   st.integers(1, 3)), min_size=1, max_size=max_runs))
+    return ObjectSet(tuple(objects), tuple(reuse), tuple(runs))
+
+
+def _retag(ctype: CType, prefix: str) -> CType:
+    if isinstance(ctype, Enum):
+        return Enum(prefix + ctype.tag, tuple((prefix + n, v) for n, v in ctype.values))
+    if isinstance(ctype, Array):
+        return Array(_retag(ctype.elem, prefix), ctype.count)
+    if isinstance(ctype, Record):
+        return replace(ctype, tag=prefix + ctype.tag,
+                       fields=tuple(replace(f, type=_retag(f.type, prefix)) for f in ctype.fields))
+    return ctype

@@ -137,7 +137,7 @@ FIELD_LAYERS = {
 }
 MAP_FIELDS = ("name", "kernel_name", "type", "key_size", "value_size", "max_entries", "flags", "internal",
               "created", "before", "after")
-PROGRAM_FIELDS = ("verdict", "errno", "message_class", "xlated_insns")
+PROGRAM_FIELDS = ("verdict", "errno", "message_class", "xlated_insns", "attached")
 
 
 class _Walker:
@@ -214,3 +214,41 @@ def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
             if o.get("fault") and not e.get("fault"):  # a run that faulted has no retval to compare
                 w.out.divergences.append(Divergence(f"runs[{i}].fault", None, o["fault"], "runtime"))
     return w.out
+
+
+# Several objects loaded side by side: one document holding one Result per object, in load order.
+SET_SCHEMA = "percpu-conformance/object-set/1"
+NOT_OPENED = "earlier_object_failed"  # open.error_class of an object after one that failed to open or load
+REUSE_FAILED = "reuse_failed"  # open.error_class when a map to reuse was never created
+
+
+def new_set_result(source: str, env: dict[str, Any], objects: list[Result]) -> dict[str, Any]:
+    assert source in SOURCES, source
+    return {"schema": SET_SCHEMA, "source": source, "env": env, "objects": objects}
+
+
+def not_opened(result: Result, failed: str, programs: list[str]) -> Result:
+    """An object the set never opened because `failed`, loaded before it, failed."""
+    result["open"] = {"ok": False, "error_class": NOT_OPENED, "message": f"not opened: object {failed} failed"}
+    result["programs"] = [program_entry(p, "not_loaded", errno=None) for p in programs]
+    result["maps"], result["variables"], result["runs"] = [], [], []
+    return result
+
+
+def compare_set(expected: dict[str, Any], observed: dict[str, Any], *,
+                layers: tuple[str, ...] = LAYERS) -> Comparison:
+    """Each object's Result compared as `compare` does, objects matched by position; fields are prefixed with
+    the object's file name."""
+    out = Comparison()
+    exp, obs = expected["objects"], observed["objects"]
+    if len(exp) != len(obs):
+        out.divergences.append(Divergence("objects (count)", len(exp), len(obs), "loader"))
+        return out
+    for e, o in zip(exp, obs, strict=True):
+        cmp = compare(e, o, layers=layers)
+        label = Path(e["object"]["path"]).name if e.get("object") else "?"
+        out.divergences += [Divergence(f"{label}: {d.field}", d.expected, d.observed, d.layer)
+                            for d in cmp.divergences]
+        out.compared += cmp.compared
+        out.not_compared += cmp.not_compared
+    return out
