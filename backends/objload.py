@@ -130,16 +130,36 @@ class Relo:
     kind: str  # "map_value" | "map_fd"
 
 
+@dataclass(frozen=True)
+class FuncSpec:
+    """One function of a linked program: where it starts, and its BTF FUNC (what func_info carries)."""
+
+    name: str
+    insn_off: int  # in ProgSpec.insns
+    btf_id: int | None  # the FUNC's type id in the object's BTF; None without BTF
+    exported: bool  # BTF_FUNC_GLOBAL linkage: verified on its own, replaceable by an extension
+
+
 @dataclass
 class ProgSpec:
     name: str
     section: str
     insns: list[Insn]  # the entry function with every subprogram it calls appended, calls re-targeted
     relos: list[Relo] = field(default_factory=list)
+    funcs: list[FuncSpec] = field(default_factory=list)  # the entry first, then subprograms by position
 
     @property
     def autoload(self) -> bool:
         return not self.section.startswith("?")  # libbpf: a "?" section is not loaded by default
+
+    @property
+    def attach_func(self) -> str | None:
+        """An extension program's target function, from its section `freplace/<func>`."""
+        base, _, func = self.section.lstrip("?").partition("/")
+        return func if base == "freplace" and func else None
+
+    def func(self, name: str) -> FuncSpec | None:
+        return next((f for f in self.funcs if f.name == name), None)
 
 
 @dataclass
@@ -452,7 +472,7 @@ def prepare(facts: ObjectFacts, profile: LoaderProfile) -> PreparedObject:
 
     variables = _variables(facts, fixed, [m for m in maps if m.internal])
     links = _collect_relos(facts, maps, section_map, maps_sec)
-    programs = [_link(facts, fn, links) for fn in programs_in_load_order(facts)]
+    programs = [_link(facts, fn, links, btf) for fn in programs_in_load_order(facts)]
     return PreparedObject(obj_name, maps, programs, variables, skipped, log)
 
 
@@ -545,7 +565,15 @@ def _collect_relos(facts: ObjectFacts, maps: Sequence[MapSpec], section_map: dic
     return links
 
 
-def _link(facts: ObjectFacts, entry: Function, links: _Links) -> ProgSpec:
+def _func_spec(btf: Btf | None, name: str, insn_off: int, bind: str) -> FuncSpec:
+    """Linkage is the BTF FUNC's (what the kernel reads from func_info); the ELF binding stands in without BTF."""
+    tid = btf.find("func", name) if btf is not None else None
+    if tid is None:
+        return FuncSpec(name, insn_off, None, bind == "STB_GLOBAL")
+    return FuncSpec(name, insn_off, tid, btf.get(tid).linkage != LINKAGE_STATIC)
+
+
+def _link(facts: ObjectFacts, entry: Function, links: _Links, btf: Btf | None = None) -> ProgSpec:
     """libbpf's bpf_object__reloc_code: append each called subprogram once, depth first, re-target calls."""
     funcs = _FunctionIndex(facts)
     insns: list[Insn] = list(entry.insns)
@@ -585,7 +613,10 @@ def _link(facts: ObjectFacts, entry: Function, links: _Links) -> ProgSpec:
     add_data_relos(entry, 0)
     reloc_code(entry, 0)
     relos.sort(key=lambda r: r.insn_index)
-    return ProgSpec(entry.name, entry.section, insns, relos)
+    funcs = [_func_spec(btf, entry.name, 0, entry.bind)]
+    for name, off in sorted(placed.items(), key=lambda kv: kv[1]):
+        funcs.append(_func_spec(btf, name, off, next(f.bind for f in facts.functions if f.name == name)))
+    return ProgSpec(entry.name, entry.section, insns, relos, funcs)
 
 
 def resolve(prog: ProgSpec, map_fds: Sequence[int]) -> list[Insn]:
