@@ -1,6 +1,7 @@
 """`python -m oracle predict MODEL.json [--profile P] [--possible-cpus N] [--online-cpus LIST] [--clang PATH]`
 
-Compiles the model's global rendering and prints the prediction in the result schema."""
+Compiles the model's global rendering and prints the prediction in the result schema. MODEL.json may also be
+an object set (docs/object-sets.md): every object is compiled and the set document is printed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from generators.model import loads
+from generators.model import ObjectSet, ProgramModel, from_jsonable
 from generators.render import render_global
 from oracle.predict import OracleError, predict
 from oracle.profiles import UnknownProfile, profile
@@ -30,14 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prof = profile(args.profile)
-        model = loads(args.model.read_text())
+        model = from_jsonable(json.loads(args.model.read_text()))
+        if not isinstance(model, ProgramModel | ObjectSet):
+            raise ValueError(f"{args.model} is neither a ProgramModel nor an ObjectSet document")
         online = parse_cpulist(args.online_cpus) if args.online_cpus else list(range(args.possible_cpus))
         if any(c >= args.possible_cpus for c in online) or args.possible_cpus < 1:
             raise ValueError(f"online CPUs {online} are not a subset of {args.possible_cpus} possible CPUs")
         clang = Clang.find(args.clang)
-        facts = read_object(compile_c(clang, render_global(model), name=model.name))
-        result = predict(model, facts, prof, possible_cpus=args.possible_cpus, online_cpus=online,
-                         clang=clang.version)
+        if isinstance(model, ObjectSet):
+            from oracle.objectset import predict_set
+
+            facts = [read_object(compile_c(clang, render_global(m), name=m.name)) for m in model.objects]
+            result = predict_set(model, facts, prof, possible_cpus=args.possible_cpus, online_cpus=online,
+                                 clang=clang.version)
+        else:
+            facts1 = read_object(compile_c(clang, render_global(model), name=model.name))
+            result = predict(model, facts1, prof, possible_cpus=args.possible_cpus, online_cpus=online,
+                             clang=clang.version)
     except CompileError as e:
         print(f"oracle: {e}", file=sys.stderr)
         return 3

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from generators.ctype import init_slots, round_up
-from generators.model import JMP_TABLE, ProgramModel, Variable
+from generators.model import JMP_TABLE, ProgramModel, Run, Variable
 from oracle.profiles import (
     BPF_F_MMAPABLE,
     BPF_F_RDONLY_PROG,
@@ -114,11 +115,59 @@ def referencing_relocations(facts: ObjectFacts, section: str) -> list[tuple[str,
     return out
 
 
+@dataclass
+class Loaded:
+    """One object as predicted right after its load: the result so far and the machine holding its images."""
+
+    result: Result
+    machine: Machine | None  # None when the open failed
+    loaded: bool  # every program accepted: the object is loaded
+    readable: bool  # its created maps can be read (loaded, or a loader that keeps maps on failure)
+    verdicts: dict[str, str]
+
+
 def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possible_cpus: int,
             online_cpus: list[int], clang: str | None = None,
             initial_images: Mapping[str, bytes] | None = None) -> Result:
     """`initial_images`: section → the value set with bpf_map__set_initial_value before load (it replaces
     the image on every CPU [V])."""
+    state = predict_load(model, facts, profile, possible_cpus=possible_cpus, online_cpus=online_cpus,
+                         clang=clang, initial_images=initial_images)
+    if state.machine is None:
+        return state.result
+    snapshot(state, "before")
+    for run in model.schedule:
+        state.result["runs"].append(run_entry(state, run))
+    snapshot(state, "after")
+    return state.result
+
+
+def snapshot(state: Loaded, when: str) -> None:
+    machine = state.machine
+    assert machine is not None
+    for m in state.result["maps"]:
+        if m["created"] and state.readable and m["section"] in machine.images:
+            m[when] = machine.snapshot(m["section"], m["value_size"])
+
+
+def run_entry(state: Loaded, run: Run) -> dict:
+    """Run one schedule entry on the object's machine; a program that did not load returns nothing."""
+    ok = state.loaded and state.verdicts.get(run.program) == "accepted"
+    retvals = []
+    for _ in range(run.count):
+        if ok:
+            assert state.machine is not None
+            state.machine.run(run.program, run.cpu)
+        retvals.append(0 if ok else None)
+    return {"program": run.program, "cpu": run.cpu, "count": run.count, "retval": retvals}
+
+
+def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possible_cpus: int,
+                 online_cpus: list[int], clang: str | None = None,
+                 initial_images: Mapping[str, bytes] | None = None,
+                 static_targets: frozenset[str] = frozenset()) -> Loaded:
+    """Open and load, without runs. `static_targets`: extension programs whose target function has static
+    linkage (the kernel refuses them at load)."""
     libbpf, kernel = profile.libbpf, profile.kernel
     env = new_env(profile.name, clang=clang, possible_cpus=possible_cpus, online_cpus=list(online_cpus),
                   libbpf=libbpf.version,
@@ -141,7 +190,7 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
                                       prog=prog, symbol=symbol, section=section)}
                 result["programs"] = [program_entry(f.name, "not_loaded", errno=LIBBPF_ERRNO__RELOC)
                                       for f in model.programs]
-                return result
+                return Loaded(result, None, False, False, {})
 
     machine = Machine(model, facts, possible_cpus)
     load_error: tuple[int, str] | None = None
@@ -196,15 +245,19 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
             verdicts[f.name] = ("not_loaded", None, None, None)
             continue
         touched = _sections_referenced(facts, f.name, model) & percpu_sections
-        if touched and (touched & uncreated):
+        if touched and not (touched & uncreated) and not kernel.percpu_direct_value:
+            # resolve_pseudo_ldimm64 runs before the attach target is checked
+            verdicts[f.name] = ("rejected", EINVAL, "no_direct_value_access", kernel.no_direct_value_message)
+            failed = True
+        elif f.name in static_targets:
+            verdicts[f.name] = ("rejected", EINVAL, "freplace_static_target", "Cannot replace static functions")
+            failed = True
+        elif touched and (touched & uncreated):
             # merged libbpf on a kernel without the feature: autocreate cleared, the ld_imm64 poisoned; libbpf
             # rewrites the verifier's "invalid func unknown#2001000NNN" into this message [V/D]
             missing = next(m["name"] for m in result["maps"] if m["section"] in touched & uncreated)
             verdicts[f.name] = ("rejected", EINVAL, "map_not_created",
                                 f"BPF map '{missing}' is referenced but wasn't created")
-            failed = True
-        elif touched and not kernel.percpu_direct_value:
-            verdicts[f.name] = ("rejected", EINVAL, "no_direct_value_access", kernel.no_direct_value_message)
             failed = True
         else:
             verdicts[f.name] = ("accepted", 0, None, None)
@@ -215,23 +268,8 @@ def predict(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, possib
     if failed and not libbpf.keeps_maps_on_failure:
         for m in result["maps"]:
             m["created"] = False
-    readable = loaded or libbpf.keeps_maps_on_failure
-    for m in result["maps"]:
-        if m["created"] and readable and m["section"] in machine.images:
-            m["before"] = machine.snapshot(m["section"], m["value_size"])
-    for run in model.schedule:
-        ok = loaded and verdicts.get(run.program, ("",))[0] == "accepted"
-        retvals = []
-        for _ in range(run.count):
-            if ok:
-                machine.run(run.program, run.cpu)
-            retvals.append(0 if ok else None)
-        result["runs"].append({"program": run.program, "cpu": run.cpu, "count": run.count,
-                               "retval": retvals})
-    for m in result["maps"]:
-        if m["created"] and readable and m["section"] in machine.images:
-            m["after"] = machine.snapshot(m["section"], m["value_size"])
-    return result
+    return Loaded(result, machine, loaded, loaded or libbpf.keeps_maps_on_failure,
+                  {name: v[0] for name, v in verdicts.items()})
 
 
 def _sections_referenced(facts: ObjectFacts, program: str, model: ProgramModel) -> set[str]:

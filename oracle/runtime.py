@@ -18,6 +18,9 @@ class Machine:
         self.images: dict[str, list[bytearray]] = {}  # section -> one image, or one per possible CPU
         self.percpu: dict[str, bool] = {}
         self.tail_calls = 0
+        self.current = ""  # the program running: a replaced function is replaced in that program only
+        # (program, function) -> (the extension's machine, the extension program): what freplace attached
+        self.replacements: dict[tuple[str, str], tuple[Machine, str]] = {}
         self.offsets = {}
         for v in model.variables:
             sym = facts.variable_symbol(v.section, v.name)
@@ -36,6 +39,7 @@ class Machine:
     def run(self, function: str, cpu: int) -> None:
         """One test run of a program on `cpu`; a tail call continues in its target on the same CPU."""
         self.tail_calls = 0
+        self.current = function
         self._ops(self.model.function(function).ops, cpu)
 
     def _where(self, access: Access, cpu: int) -> tuple[bytearray, int, int]:
@@ -73,12 +77,17 @@ class Machine:
                 if self._ops(op.then if taken else op.orelse, cpu):
                     return True
             elif isinstance(op, Call):
-                if self._ops(self.model.function(op.function).ops, cpu):
+                ext = self.replacements.get((self.current, op.function))
+                if ext is not None:  # the extension runs instead, on its own object's variables
+                    machine, name = ext
+                    machine._ops(machine.model.function(name).ops, cpu)
+                elif self._ops(self.model.function(op.function).ops, cpu):
                     return True
             elif isinstance(op, TailCall):
                 if self.tail_calls >= MAX_TAIL_CALLS:
                     continue  # the helper fails and returns to the caller
                 self.tail_calls += 1
+                self.current = op.program
                 self._ops(self.model.function(op.program).ops, cpu)
                 return True
             else:

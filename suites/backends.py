@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from schema.objectset import SetPlan
 from schema.result import Result
 from suites.support import Compiled
 
@@ -30,6 +31,9 @@ class Backend(Protocol):
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         ...
 
+    def observe_set(self, plan: SetPlan) -> dict:
+        ...
+
 
 @dataclass
 class SimBackend:
@@ -46,6 +50,12 @@ class SimBackend:
 
         return observe(compiled.path, profile=self.sim_profile or self.profile, possible_cpus=self.possible_cpus,
                        online_cpus=list(self.online_cpus), runs=runs, initial_values=initial_values)
+
+    def observe_set(self, plan: SetPlan) -> dict:
+        from backends.sim.observe import observe_set
+
+        return observe_set(plan, profile=self.sim_profile or self.profile, possible_cpus=self.possible_cpus,
+                           online_cpus=list(self.online_cpus))
 
 
 # (libbpf knows .percpu, kernel has the feature) -> profile; the raw loader always knows .percpu
@@ -113,3 +123,10 @@ class KernelBackend:
         if self.loader == "raw":
             return observe.observe_raw(compiled.path, runs=runs, initial_values=initial_values)
         return observe.observe_libbpf(compiled.path, libbpf=self.libbpf, runs=runs, initial_values=initial_values)
+
+    def observe_set(self, plan: SetPlan) -> dict:
+        from backends.kernel import observe
+
+        if self.loader == "raw":
+            return observe.observe_set_raw(plan)
+        return observe.observe_set_libbpf(plan, libbpf=self.libbpf)

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from generators.model import loads
+from generators.model import from_jsonable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         meta = json.loads((args.bundle / "meta.json").read_text())
-        model = loads((args.bundle / "model.json").read_text())
-    except (OSError, ValueError, KeyError) as e:
+        model = from_jsonable(json.loads((args.bundle / "model.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"replay: {args.bundle} is not a readable bundle: {e}", file=sys.stderr)
         return 2
     from suites.backends import KernelBackend, SimBackend, Unavailable
@@ -44,11 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ToolchainError, Unavailable, KeyError) as e:
         print(f"replay: {e}", file=sys.stderr)
         return 2
+    from suites.sets import check_set_lowered_twin, differential_set
     from suites.support import differential
     from suites.test_lowered_twin import check_lowered_twin
 
     try:
-        if meta["check"] == "lowered":
+        if meta["check"] == "setlowered":
+            check_set_lowered_twin(clang, backend, model)
+        elif meta.get("set"):
+            differential_set(meta["check"], backend, clang, model, tuple(meta["layers"]))
+        elif meta["check"] == "lowered":
             check_lowered_twin(clang, backend, model)
         else:
             differential(meta["check"], backend, clang, model, tuple(meta["layers"]))
