@@ -8,7 +8,6 @@ large arrays exist to reach the per-CPU allocator limit (32 KiB) and stay rare.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from dataclasses import replace
 
 from hypothesis import strategies as st

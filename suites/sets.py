@@ -110,21 +110,47 @@ def differential_set(name: str, backend, clang: Clang, model: ObjectSet,  # noqa
     return expected, observed
 
 
+def lowered_set_initial(compiled: CompiledSet, expected: dict) -> tuple[dict[str, bytes], ...]:
+    """Each object's per-CPU section images as its lowered maps' starting values (the global image)."""
+    out = []
+    for c, exp in zip(compiled.objects, expected["objects"], strict=True):
+        offsets = percpu_offsets(c)
+        out.append({section_ident(m["section"]): c.facts.section(m["section"]).data.ljust(
+            lowered_value_size(c.model, offsets, m["section"]), b"\0")
+            for m in exp["maps"] if m["type"] == "percpu_array"})
+    return tuple(out)
+
+
+def set_as_global(observed: dict, expected: dict, compiled: CompiledSet) -> dict:
+    """The lowered set observation re-keyed object by object as the global rendering."""
+    return dict(observed, objects=[
+        lowered_as_global(o, e, c.model) if e["open"]["ok"] and o["open"]["ok"] else o
+        for o, e, c in zip(observed["objects"], expected["objects"], compiled.objects, strict=True)])
+
+
+def sample_sets(n: int, cpus: tuple[int, ...]) -> list[ObjectSet]:
+    """A fixed-seed sample of object sets: the same sets on every run and machine."""
+    from hypothesis import Phase, given, settings
+
+    from generators.strategies import object_sets
+
+    out: list[ObjectSet] = []
+
+    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
+    @given(object_sets(cpus=cpus))
+    def collect(model: ObjectSet) -> None:
+        out.append(model)
+
+    collect()
+    return out[:n]
+
+
 def check_set_lowered_twin(clang: Clang, backend, model: ObjectSet) -> None:  # noqa: ANN001
     """The set's lowered rendering on the backend leaves the per-CPU contents predicted for the global one
     under the feature (profile merged)."""
     compiled = compile_set(clang, model)
     expected = predict_for(backend, compiled, clang, "merged")
     lowered = compile_set_lowered(clang, compiled)
-    initial = []
-    for c, exp in zip(compiled.objects, expected["objects"], strict=True):
-        offsets = percpu_offsets(c)
-        initial.append({section_ident(m["section"]): c.facts.section(m["section"]).data.ljust(
-            lowered_value_size(c.model, offsets, m["section"]), b"\0")
-            for m in exp["maps"] if m["type"] == "percpu_array"})
-    observed = backend.observe_set(set_plan(lowered, tuple(initial)))
-    as_global = dict(observed, objects=[
-        lowered_as_global(o, e, c.model) if e["open"]["ok"] and o["open"]["ok"] else o
-        for o, e, c in zip(observed["objects"], expected["objects"], compiled.objects, strict=True)])
-    assert_same_set(f"setlowered-{backend.name}", compiled, expected, as_global, layers=("runtime",),
-                    meta=backend_meta(backend), lowered=lowered)
+    observed = backend.observe_set(set_plan(lowered, lowered_set_initial(compiled, expected)))
+    assert_same_set(f"setlowered-{backend.name}", compiled, expected, set_as_global(observed, expected, compiled),
+                    layers=("runtime",), meta=backend_meta(backend), lowered=lowered)

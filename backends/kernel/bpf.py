@@ -22,7 +22,7 @@ __all__ = [
     "BpfError", "Fd", "TestRun", "ProgInfo", "MapInfo",
     "map_create", "map_update_elem", "map_lookup_elem", "map_delete_elem", "map_freeze",
     "prog_load", "prog_test_run", "prog_info", "prog_xlated", "map_info", "btf_load",
-    "prog_get_fd_by_id", "map_get_fd_by_id", "percpu_value_size", "round_up",
+    "prog_get_fd_by_id", "map_get_fd_by_id", "percpu_value_size", "round_up", "link_create",
 ]
 
 SYS_BPF = 321  # x86_64
@@ -40,6 +40,7 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_BTF_LOAD = 18
 BPF_MAP_FREEZE = 22
+BPF_LINK_CREATE = 28
 
 _CMD_NAMES = {
     BPF_MAP_CREATE: "BPF_MAP_CREATE",
@@ -54,6 +55,7 @@ _CMD_NAMES = {
     BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
     BPF_BTF_LOAD: "BPF_BTF_LOAD",
     BPF_MAP_FREEZE: "BPF_MAP_FREEZE",
+    BPF_LINK_CREATE: "BPF_LINK_CREATE",
 }
 
 # enum bpf_map_type
@@ -87,6 +89,7 @@ PROG_TYPE_XDP = 6
 PROG_TYPE_RAW_TRACEPOINT = 17
 PROG_TYPE_TRACING = 26
 PROG_TYPE_EXT = 28
+BPF_PROG_TYPE_EXT = PROG_TYPE_EXT
 PROG_TYPE_SYSCALL = 31
 SOCKET_FILTER = PROG_TYPE_SOCKET_FILTER
 KPROBE = PROG_TYPE_KPROBE
@@ -101,6 +104,9 @@ SYSCALL = PROG_TYPE_SYSCALL
 BPF_TRACE_RAW_TP = 23
 BPF_TRACE_FENTRY = 24
 BPF_TRACE_FEXIT = 25
+# The UAPI has no freplace attach type: an extension program is loaded with expected_attach_type 0, and
+# BPF_LINK_CREATE wants the program's expected_attach_type back (libbpf passes 0 too). The name is the suite's.
+BPF_TRACE_FREPLACE = 0
 
 # Map creation flags.
 BPF_F_NO_PREALLOC = 0x1
@@ -139,6 +145,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+
+BPF_FUNC_INFO_REC_SIZE = 8  # struct bpf_func_info: insn_off, type_id
 
 # Trailing verifier-log lines that are statistics, never the reason for a verdict.
 _LOG_NOISE = re.compile(
@@ -369,7 +377,8 @@ def map_freeze(fd: FdLike) -> None:
 
 def prog_load(prog_type: int, insns: bytes, *, license: str = "GPL", name: str = "", log_level: int = 1,
               log_size: int = 1 << 20, expected_attach_type: int = 0, attach_btf_id: int = 0,
-              attach_prog_fd: int = 0, prog_btf_fd: int = 0, func_info: bytes | None = None,
+              attach_prog_fd: FdLike = 0, prog_btf_fd: FdLike = 0,
+              func_info: bytes | Sequence[tuple[int, int]] | None = None,
               func_info_rec_size: int = 0, line_info: bytes | None = None, line_info_rec_size: int = 0,
               fd_array: Sequence[int] | None = None, prog_flags: int = 0,
               kern_version: int = 0) -> tuple[Fd, str]:
@@ -378,7 +387,13 @@ def prog_load(prog_type: int, insns: bytes, *, license: str = "GPL", name: str =
     Since 6.4 a verifier log that overflows its buffer makes the load fail with ENOSPC whatever the verdict
     (the buffer keeps the log's tail). The load is then retried once without a log, so the result and the
     errno are the verifier's; the truncated log is kept.
+
+    `func_info` is either the raw records (with `func_info_rec_size`) or (insn_off, BTF FUNC type id) pairs,
+    encoded as struct bpf_func_info.
     """
+    if func_info is not None and not isinstance(func_info, bytes | bytearray):
+        func_info = b"".join(struct.pack("<II", off, tid) for off, tid in func_info)
+        func_info_rec_size = func_info_rec_size or BPF_FUNC_INFO_REC_SIZE
     if len(insns) % 8 or not insns:
         raise ValueError(f"instruction stream of {len(insns)} bytes")
     if func_info is not None and func_info_rec_size <= 0:
@@ -528,3 +543,13 @@ def btf_load(data: bytes, *, log_level: int = 0, log_size: int = 1 << 16) -> Fd:
         err = ctypes.get_errno()
         raise BpfError(err, "BPF_BTF_LOAD", log_buf.value.decode(errors="replace") if log_buf else "")
     return Fd(ret)
+
+
+# Links.
+
+def link_create(prog_fd: FdLike, target_fd: FdLike, attach_type: int, target_btf_id: int = 0) -> Fd:
+    """BPF_LINK_CREATE. For an extension program: target_fd is the target program, target_btf_id the FUNC it
+    replaces (0 reuses the target given at load) and attach_type BPF_TRACE_FREPLACE (0)."""
+    attr = _attr()
+    struct.pack_into("<IIIII", attr, 0, int(prog_fd), int(target_fd), attach_type, 0, target_btf_id)
+    return Fd(_sys_bpf(BPF_LINK_CREATE, attr))

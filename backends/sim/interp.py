@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from toolchain import insn as isa
 from toolchain.insn import Insn
@@ -516,6 +516,34 @@ class _Compiler:
             ret, r[6], r[7], r[8], r[9], r[10] = frames.pop()
             return ret
         return exit_
+
+
+def link_program(program: Sequence[Insn], replacements: Mapping[int, Sequence[Insn]]) -> list[Insn]:
+    """`program` with freplace links applied: every bpf-to-bpf call to the start of a replaced function goes to
+    its replacement instead, appended whole after the program.
+
+    A replacement is a complete program (its own subprograms, its map addresses resolved), so it runs like any
+    callee: a frame and stack of its own, r1-r5 as the caller left them, r0 back to the caller. Done once per
+    link rather than per call, so the interpreter's normal path is untouched. Replacing the entry function
+    (start 0) puts a `call; exit` in front, which shifts nothing the program's relative jumps see.
+    """
+    if not replacements:
+        return list(program)
+    head = [Insn(isa.BPF_JMP | isa.BPF_CALL, src=isa.BPF_PSEUDO_CALL), isa.exit_insn()] if 0 in replacements else []
+    shift = len(head)
+    out = [*head, *program]
+    starts: dict[int, int] = {}
+    for start, code in sorted(replacements.items()):
+        starts[start] = len(out)
+        out += code
+    for pc in range(len(program)):
+        insn = program[pc]
+        target = pc + 1 + insn.imm
+        if insn.is_pseudo_call and target in starts:
+            out[shift + pc] = replace(insn, imm=starts[target] - (shift + pc) - 1)
+    if head:
+        out[0] = replace(head[0], imm=starts[0] - 1)
+    return out
 
 
 def _stack_top(frame: int) -> int:

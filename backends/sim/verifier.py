@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Union
 
 from backends.objload import (
@@ -393,6 +393,9 @@ class VerifiedProgram:
     xlated_insns: int | None  # the kernel's xlated_prog_len / 8; None where its rewrite is not modelled
     log: str
     percpu_loads: int  # map-value loads of PERCPU_ARRAY maps that got the per-CPU move
+    # each submitted instruction's index in `insns` (a removed one: the next survivor's), and len(insns) last:
+    # where a function of the submitted program starts in the one that runs
+    positions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -554,6 +557,7 @@ class Verifier:
         self.lookup_sites: dict[int, set[int]] = {}  # helper call pc -> fds of the maps it looked up
         self.helper_sites: dict[int, int] = {}  # call pc -> helper id
         self.xlated_known = True
+        self.positions: list[int] = list(range(len(self.insns) + 1))  # filled in by rewrite
 
     def fail(self, err: int, message: str, message_class: str) -> VerifierError:
         self.log.append(message)
@@ -1216,12 +1220,14 @@ class Verifier:
             insns[pc + 1] = Insn(0, 0, 0, 0, _s32(value >> 32))
         # opt_remove_dead_code, then opt_remove_nops
         insns, pos = rebuild(insns, set(range(n)) - seen)
+        self.positions = pos
         aux = {pos[pc]: info for pc, info in aux.items() if pc in seen}
         helpers = {pos[pc]: f for pc, f in self.helper_sites.items()}
         lookups = {pos[pc]: fds for pc, fds in self.lookup_sites.items()}
         nops = {i for i, insn in enumerate(insns) if insn == NOP}
         if nops:
             insns, pos = rebuild(insns, nops)
+            self.positions = [pos[p] for p in self.positions]
             aux = {pos[pc]: info for pc, info in aux.items()}
             helpers = {pos[pc]: f for pc, f in helpers.items()}
             lookups = {pos[pc]: fds for pc, fds in lookups.items()}
@@ -1230,7 +1236,8 @@ class Verifier:
                  for pc, info in aux.items()
                  if info.kind == "value" and info.map.type == BPF_MAP_TYPE_PERCPU_ARRAY}
         if self.profile.percpu_rewrite and moves:
-            insns, _ = rebuild(insns, insert_after=moves)
+            insns, pos = rebuild(insns, insert_after=moves)
+            self.positions = [pos[p] for p in self.positions]
         extra = 0
         for pc, func in helpers.items():
             if func == BPF_FUNC_map_lookup_elem:
@@ -1278,14 +1285,22 @@ def _format_ok(fmt: bytes, nargs: int) -> bool:
 
 def verify(insns: Sequence[Insn], *, profile: KernelProfile, map_by_fd: Callable[[int], SimMap | str | None],
            addr_of: Callable[[MapRef], int], nr_cpu_ids: int, fd_array: Sequence[int] | None = None,
-           prog_type: str = "raw_tp") -> VerifiedProgram:
-    """Check `insns` as the kernel profile's verifier would; raise VerifierError with its message."""
+           prog_type: str = "raw_tp", attach_check: Callable[[], None] | None = None) -> VerifiedProgram:
+    """Check `insns` as the kernel profile's verifier would; raise VerifierError with its message.
+
+    `attach_check` is the kernel's check_attach_btf_id (an extension's target): it runs after the CFG check,
+    before the paths are explored, and raises VerifierError to refuse."""
     v = Verifier(insns, profile=profile, map_by_fd=map_by_fd, nr_cpu_ids=nr_cpu_ids, fd_array=fd_array,
                  prog_type=prog_type)
     v.check_structure()
     v.resolve_ldimm64()
     starts = v.check_cfg()
+    if attach_check is not None:
+        try:
+            attach_check()
+        except VerifierError as e:
+            raise v.fail(e.errno, e.message, e.message_class) from None
     v.do_check(starts)
     program, xlated, moves = v.rewrite(addr_of)
     v.log.append(f"processed {len(v.seen)} insns; xlated {xlated}")
-    return VerifiedProgram(program, xlated if v.xlated_known else None, "\n".join(v.log), moves)
+    return VerifiedProgram(program, xlated if v.xlated_known else None, "\n".join(v.log), moves, v.positions)

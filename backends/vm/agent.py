@@ -43,6 +43,8 @@ def _guest_facts() -> dict[str, Any]:
 def _observe(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
     from backends.kernel.observe import observe_libbpf, observe_raw, open_libbpf
 
+    if "objects" in req:
+        return _observe_set(req, libbpfs)
     runs = [(str(p), int(c), int(n)) for p, c, n in req.get("runs", ())]
     initial = {name: bytes.fromhex(value) for name, value in (req.get("initial_values") or {}).items()}
     if req.get("loader", "libbpf") == "raw":
@@ -53,7 +55,28 @@ def _observe(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, A
     return observe_libbpf(req["object"], libbpf=libbpfs[path], runs=runs, initial_values=initial)
 
 
+def _observe_set(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
+    """An object set (docs/object-sets.md): several objects, map reuse, extension programs."""
+    from backends.kernel.observe import observe_set_libbpf, observe_set_raw, open_libbpf
+    from schema.objectset import SetPlan
+
+    plan = SetPlan(tuple(Path(p) for p in req["objects"]),
+                   tuple((int(k), str(key), int(src)) for k, key, src in req.get("reuse", ())),
+                   tuple((int(k), str(e), str(p), str(f)) for k, e, p, f in req.get("attach", ())),
+                   tuple((str(p), int(c), int(n)) for p, c, n in req.get("runs", ())),
+                   tuple({name: bytes.fromhex(v) for name, v in values.items()}
+                         for values in req.get("initial_values", ())))
+    if req.get("loader", "libbpf") == "raw":
+        return observe_set_raw(plan)
+    path = req.get("libbpf")
+    if path not in libbpfs:
+        libbpfs[path] = open_libbpf(path)
+    return observe_set_libbpf(plan, libbpf=libbpfs[path])
+
+
 def _summary(doc: dict[str, Any]) -> str:
+    if "objects" in doc:
+        return " | ".join(_summary(o) for o in doc["objects"])
     verdicts = [p["verdict"] for p in doc.get("programs", [])]
     if not doc.get("open", {}).get("ok", True):
         return f"open failed ({doc['open'].get('error_class')})"
@@ -66,7 +89,8 @@ Indexed = list[tuple[int, dict[str, Any]]]
 def _serve(shard: Indexed, total: int, libbpfs: dict[str | None, Any]) -> Indexed:
     out: Indexed = []
     for i, req in shard:
-        name = f"{i + 1}/{total} {os.path.basename(req['object'])} [{req.get('loader', 'libbpf')}]"
+        files = req["objects"] if "objects" in req else [req["object"]]
+        name = f"{i + 1}/{total} {'+'.join(os.path.basename(f) for f in files)} [{req.get('loader', 'libbpf')}]"
         try:
             doc = _observe(req, libbpfs)
         except Exception as e:  # one bad request must not cost the others their answers
@@ -74,7 +98,8 @@ def _serve(shard: Indexed, total: int, libbpfs: dict[str | None, Any]) -> Indexe
             out.append((i, {"error": {"type": type(e).__name__, "message": message}}))
             _say(f"{name} error: {type(e).__name__}: {message}")
             continue
-        doc["source"] = "vm"
+        for d in [doc, *doc.get("objects", ())]:
+            d["source"] = "vm"
         out.append((i, {"observation": doc}))
         _say(f"{name} {_summary(doc)}")
     return out
