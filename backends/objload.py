@@ -72,6 +72,8 @@ class LoaderProfile:
     probes_percpu_feature: bool
     # libbpf tears every map down when the object fails to load; the suite's raw loader keeps them readable
     keeps_maps_on_failure: bool = False
+    # bpf_map__reuse_fd takes effect; False only in the fault-injection row that ignores it
+    reuses_fd: bool = True
 
     def is_percpu_section(self, name: str) -> bool:
         return self.knows_percpu and (name in self.percpu_exact
@@ -88,6 +90,9 @@ LOADER_PROFILES: dict[str, LoaderProfile] = {
         # the suite's own raw loader: merged semantics, creates every map without probing
         LoaderProfile("raw", True, (".percpu",), (".percpu.",), 1, "section", "section15", False,
                       keeps_maps_on_failure=True),
+        # fault injection: merged libbpf that ignores bpf_map__reuse_fd (every object creates and fills its own)
+        LoaderProfile("broken-noreuse", True, (".percpu",), (".percpu.",), 1, "section", "section15", True,
+                      reuses_fd=False),
     )
 }
 

@@ -227,6 +227,13 @@ def _function_head(fn: Function) -> str:
     return f'SEC("raw_tp") int {fn.name}(void *ctx)'
 
 
+def _keep_call(fn: Function) -> list[str]:
+    """An exported subprogram is what an extension replaces, so every call to it must stay: clang drops a call
+    to a function it finds free of side effects (`v = v`), noinline or not. An empty asm with a memory clobber
+    emits no instruction and forbids that."""
+    return ['\t__asm__ __volatile__("" ::: "memory");'] if fn.subprogram and fn.exported else []
+
+
 def check_tail_calls(model: ProgramModel) -> None:
     """Tail calls come from programs (the ctx is their argument) and go to programs."""
     programs = {f.name for f in model.programs if f.replaces is None}
@@ -283,7 +290,7 @@ def render_global(model: ProgramModel) -> str:
     out += [_function_head(f) + ";" for f in model.functions if f.subprogram]
     emitter = _Emitter(model, {})
     for fn in model.functions:
-        out += ["", _function_head(fn), "{", *emitter.ops(fn.ops, "\t"), "\treturn 0;", "}"]
+        out += ["", _function_head(fn), "{", *_keep_call(fn), *emitter.ops(fn.ops, "\t"), "\treturn 0;", "}"]
     out += ["", 'char LICENSE[] SEC("license") = "GPL";', ""]
     return "\n".join(out)
 
@@ -332,7 +339,8 @@ def render_lowered(model: ProgramModel, offsets: Mapping[str, int]) -> str:
             ident = section_ident(section)
             body += [f"\tstruct {ident}_value *__pc{k} = bpf_map_lookup_elem(&{ident}, &__zero);",
                      f"\tif (!__pc{k})", "\t\treturn 0;"]
-        out += ["", _function_head(fn), "{", *body, *emitter.ops(fn.ops, "\t"), "\treturn 0;", "}"]
+        out += ["", _function_head(fn), "{", *_keep_call(fn), *body, *emitter.ops(fn.ops, "\t"), "\treturn 0;",
+                "}"]
     out += ["", 'char LICENSE[] SEC("license") = "GPL";', ""]
     return "\n".join(out)
 

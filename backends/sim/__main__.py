@@ -1,7 +1,8 @@
 """`python -m backends.sim run FILE.{c,o}`: print the simulator's Observation of one object as JSON.
+`python -m backends.sim run-set A B ...`: the same for an object set (docs/object-sets.md), as one document.
 
-Bad input (a missing or corrupt file, no usable clang, an unknown profile, a malformed --run or CPU list)
-ends with one line on stderr and exit status 2.
+Bad input (a missing or corrupt file, no usable clang, an unknown profile, a malformed --run, --reuse,
+--attach or CPU list) ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from backends.sim.observe import SIM_PROFILES, observe
+from backends.sim.observe import SIM_PROFILES, observe, observe_set
+from schema.objectset import SetPlan, parse_attach, parse_reuse
 from toolchain.clang import Clang, CompileError, ToolchainError, compile_c
 from toolchain.elf import ObjectError
 
@@ -59,40 +62,70 @@ def _object_path(path: Path, clang_path: str | None) -> Path:
         source = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: cannot read: {e}") from None
-    return compile_c(clang, source, name=name)
+    try:
+        return compile_c(clang, source, name=name)
+    except CompileError as e:  # name the file: with several objects the message alone does not say which
+        raise UsageError(f"{path}: {e}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _add_common(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--profile", default="merged", help=f"one of: {', '.join(SIM_PROFILES)}")
+    cmd.add_argument("--possible-cpus", type=int, default=4)
+    cmd.add_argument("--online-cpus", help="cpulist, e.g. 0-3 or 0,2 (default: every possible CPU)")
+    cmd.add_argument("--run", action="append", default=[], metavar="PROG@CPU[:COUNT]")
+    cmd.add_argument("--clang", help="clang binary for .c input")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backends.sim",
                                      description="Observe a BPF object on the percpu-conformance simulator.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="load FILE (.c is compiled first), run programs, print the Observation")
     run.add_argument("file", type=Path)
-    run.add_argument("--profile", default="merged", help=f"one of: {', '.join(SIM_PROFILES)}")
-    run.add_argument("--possible-cpus", type=int, default=4)
-    run.add_argument("--online-cpus", help="cpulist, e.g. 0-3 or 0,2 (default: every possible CPU)")
-    run.add_argument("--run", action="append", default=[], metavar="PROG@CPU[:COUNT]")
-    run.add_argument("--clang", help="clang binary for .c input")
-    args = parser.parse_args(argv)
-    try:
-        if args.profile not in SIM_PROFILES:
-            raise UsageError(f"unknown profile {args.profile!r} (known: {', '.join(SIM_PROFILES)})")
-        if args.possible_cpus < 1:
-            raise UsageError(f"--possible-cpus must be at least 1, not {args.possible_cpus}")
-        online = (parse_cpulist(args.online_cpus) if args.online_cpus is not None
-                  else list(range(args.possible_cpus)))
-        outside = [c for c in online if c >= args.possible_cpus]
-        if outside:
-            raise UsageError(f"online CPU {outside[0]} is not possible (--possible-cpus {args.possible_cpus})")
-        runs = [parse_run(r) for r in args.run]
+    _add_common(run)
+    run_set = sub.add_parser("run-set", help="load FILEs in order into one kernel (.c compiled first), attach "
+                                             "extensions, run programs, print the object-set document")
+    run_set.add_argument("files", type=Path, nargs="+")
+    run_set.add_argument("--reuse", action="append", default=[], metavar="K:KEY=SRC",
+                         help="object K's map KEY (a section or a .maps name) reuses object SRC's")
+    run_set.add_argument("--attach", action="append", default=[], metavar="K:EXT=PROG:FUNC",
+                         help="object K's extension EXT replaces FUNC in program PROG")
+    _add_common(run_set)
+    return parser
+
+
+def _online(args: argparse.Namespace) -> list[int]:
+    if args.profile not in SIM_PROFILES:
+        raise UsageError(f"unknown profile {args.profile!r} (known: {', '.join(SIM_PROFILES)})")
+    if args.possible_cpus < 1:
+        raise UsageError(f"--possible-cpus must be at least 1, not {args.possible_cpus}")
+    online = (parse_cpulist(args.online_cpus) if args.online_cpus is not None
+              else list(range(args.possible_cpus)))
+    outside = [c for c in online if c >= args.possible_cpus]
+    if outside:
+        raise UsageError(f"online CPU {outside[0]} is not possible (--possible-cpus {args.possible_cpus})")
+    return online
+
+
+def _observe(args: argparse.Namespace) -> dict[str, Any]:
+    online = _online(args)
+    runs = [parse_run(r) for r in args.run]
+    if args.command == "run":
         obj = _object_path(args.file, args.clang)
-        result = observe(obj, profile=args.profile, possible_cpus=args.possible_cpus, online_cpus=online,
-                         runs=runs)
+        return observe(obj, profile=args.profile, possible_cpus=args.possible_cpus, online_cpus=online, runs=runs)
+    reuse = tuple(parse_reuse(r) for r in args.reuse)
+    attach = tuple(parse_attach(a) for a in args.attach)
+    objects = tuple(_object_path(f, args.clang) for f in args.files)
+    plan = SetPlan(objects, reuse, attach, tuple(runs))
+    return observe_set(plan, profile=args.profile, possible_cpus=args.possible_cpus, online_cpus=online)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _observe(args)
     except (UsageError, ObjectError, ToolchainError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CompileError as e:
-        print(f"error: {args.file}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))
     return 0

@@ -1,7 +1,11 @@
 """A simulated kernel: maps, program loading through the simulated verifier, and per-CPU test runs.
 
-The API follows the bpf() syscall (map_create, map_update, map_lookup, map_freeze, prog_load, test_run), with
-failures raised as `SimError(errno, message)`. What differs between kernels is a row of `KERNEL_PROFILES`.
+The API follows the bpf() syscall (map_create, map_update, map_lookup, map_freeze, prog_load, test_run, and
+link_create/link_destroy for freplace), with failures raised as `SimError(errno, message)`. What differs
+between kernels is a row of `KERNEL_PROFILES`.
+
+An extension program ("ext") is loaded against a target program and one of its global functions; once linked,
+the target runs `link_program`'s image of itself, in which every call of that function goes to the extension.
 
 Address space (one interp.Memory per kernel): map k owns [MAP_AREA + k*MAP_SPAN, +MAP_SPAN). An ARRAY value is
 mapped there directly. A PERCPU_ARRAY value's address there is its *per-CPU base*, never mapped: CPU c's copy
@@ -30,10 +34,11 @@ from backends.objload import (
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_PROG_ARRAY,
     BPF_NOEXIST,
+    FuncSpec,
     round_up,
 )
 from backends.sim import verifier as vf
-from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, run
+from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, link_program, run
 from toolchain.insn import Insn
 
 U32 = (1 << 32) - 1
@@ -54,7 +59,7 @@ BPF_F_TOKEN_FD = 0x10000
 ARRAY_CREATE_FLAG_MASK = (BPF_F_NUMA_NODE | BPF_F_MMAPABLE | BPF_F_RDONLY | BPF_F_WRONLY | BPF_F_RDONLY_PROG
                           | BPF_F_WRONLY_PROG | BPF_F_PRESERVE_ELEMS | BPF_F_INNER_MAP | BPF_F_TOKEN_FD)
 RAW_TP_MAX_ARGS = 12
-PROG_TYPES = ("raw_tp", "socket_filter")
+PROG_TYPES = ("raw_tp", "socket_filter", "ext")
 _OBJ_NAME = re.compile(r"[A-Za-z0-9_.]{0,15}")
 
 # Texts every kernel prints the same way.
@@ -90,6 +95,8 @@ class KernelProfile:
     percpu_direct_value_checks: tuple[str, ...] = ("max_entries", "offset", "jit")
     # fault injection: a verifier that accepts per-CPU direct access but forgets the per-CPU move
     percpu_rewrite: bool = True
+    # fault injection: BPF_LINK_CREATE of an extension succeeds but the target keeps calling its own function
+    freplace: bool = True
 
     @property
     def features(self) -> dict[str, bool]:
@@ -107,6 +114,8 @@ KERNEL_PROFILES: dict[str, KernelProfile] = {
                       {BPF_MAP_TYPE_ARRAY: X86_INLINE_LOOKUPS[BPF_MAP_TYPE_ARRAY]}),
         KernelProfile("broken-norewrite", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS,
                       X86_INLINE_LOOKUPS, percpu_rewrite=False),
+        KernelProfile("broken-nofreplace", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS,
+                      X86_INLINE_LOOKUPS, freplace=False),
     )
 }
 
@@ -151,14 +160,39 @@ class SimMap:
         return int.from_bytes(self.read_bytes(off, size), "little")
 
 
+@dataclass(frozen=True)
+class SimFunc:
+    """A function of a loaded program, from its func_info: where it starts in the program that runs."""
+
+    name: str
+    start: int | None  # None: dropped as dead code
+    exported: bool  # BTF_FUNC_GLOBAL: only such a function can be replaced
+
+
 @dataclass(eq=False)
 class SimProg:
     fd: int
     name: str
-    prog_type: str
-    insns: list[Insn]  # the verified, rewritten program that runs
+    prog_type: str  # an extension's is "ext"; it is verified as its target's type
+    insns: list[Insn]  # the verified, rewritten program
     xlated_insns: int | None
     log: str
+    funcs: dict[str, SimFunc] = field(default_factory=dict)
+    links: dict[int, SimProg] = field(default_factory=dict)  # start of a replaced function -> its extension
+    image: list[Insn] = field(default_factory=list)  # what runs: insns with the links applied
+
+    def __post_init__(self) -> None:
+        self.image = self.image or self.insns
+
+
+@dataclass(eq=False)
+class SimLink:
+    """A BPF_TRACE_FREPLACE link: `ext` runs wherever `target` calls the function starting at `start`."""
+
+    fd: int
+    ext: SimProg
+    target: SimProg
+    start: int | None
 
 
 class SimKernel:
@@ -174,7 +208,7 @@ class SimKernel:
                              f"0..{possible_cpus - 1}")
         self.memory = Memory()
         self.memory.map(CTX_ADDR, bytearray(8 * RAW_TP_MAX_ARGS), writable=False, name="ctx")
-        self._objects: dict[int, SimMap | SimProg | str] = {}
+        self._objects: dict[int, SimMap | SimProg | SimLink | str] = {}
         self._next_fd = 3
         self._maps_created = 0
         self._by_handle: dict[int, SimMap] = {}
@@ -189,7 +223,7 @@ class SimKernel:
 
     # -- descriptors --------------------------------------------------------------------------------------
 
-    def _new_fd(self, obj: SimMap | SimProg | str) -> int:
+    def _new_fd(self, obj: SimMap | SimProg | SimLink | str) -> int:
         fd = self._next_fd
         self._next_fd += 1
         self._objects[fd] = obj
@@ -212,7 +246,7 @@ class SimKernel:
         obj = self._objects.get(fd)
         if obj is None or isinstance(obj, SimMap):
             return obj
-        return obj if isinstance(obj, str) else "prog"
+        return obj if isinstance(obj, str) else "prog" if isinstance(obj, SimProg) else "link"
 
     def prog(self, fd: int) -> SimProg:
         obj = self._objects.get(fd)
@@ -366,25 +400,84 @@ class SimKernel:
     # -- programs ------------------------------------------------------------------------------------------
 
     def prog_load(self, insns: Sequence[Insn], name: str = "", *, prog_type: str = "raw_tp",
-                  fd_array: Sequence[int] | None = None) -> tuple[int, int | None, str]:
-        """Verify and load; returns (fd, xlated instruction count or None where unmodelled, verifier log)."""
+                  fd_array: Sequence[int] | None = None, func_info: Sequence[FuncSpec] = (),
+                  attach_prog_fd: int | None = None, attach_func: str | None = None) -> tuple[int, int | None, str]:
+        """Verify and load; returns (fd, xlated instruction count or None where unmodelled, verifier log).
+
+        `func_info` names the program's functions (what lets an extension replace one). An "ext" program needs
+        its target: `attach_prog_fd` and the function `attach_func` of that program, checked as the kernel's
+        bpf_check_attach_target does; it is verified as a program of the target's type."""
         if not _OBJ_NAME.fullmatch(name):
             raise SimError(errno.EINVAL, f"program name {name!r} is not 15 characters of [A-Za-z0-9_.]")
         if prog_type not in PROG_TYPES:
             raise SimError(errno.EOPNOTSUPP, f"unsupported by the simulator: program type {prog_type}",
                            "sim_unsupported")
+        target = self._attach_target(prog_type, attach_prog_fd, attach_func)
 
         def addr_of(info: vf.MapRef) -> int:
             return info.map.handle if info.kind == "map" else info.map.value_addr(info.off)
 
+        def attach_check() -> None:
+            if target is not None:
+                _check_replaceable(target, attach_func or "")
+
         try:
             verified = vf.verify(insns, profile=self.profile, map_by_fd=self.map_by_fd, addr_of=addr_of,
-                                 nr_cpu_ids=self.possible_cpus, fd_array=fd_array, prog_type=prog_type)
+                                 nr_cpu_ids=self.possible_cpus, fd_array=fd_array,
+                                 prog_type=target.prog_type if target is not None else prog_type,
+                                 attach_check=attach_check)
         except vf.VerifierError as e:
             raise SimError(e.errno, e.message, e.message_class, e.log) from None
-        prog = SimProg(self._next_fd, name, prog_type, verified.insns, verified.xlated_insns, verified.log)
+        prog = SimProg(self._next_fd, name, prog_type, verified.insns, verified.xlated_insns, verified.log,
+                       _funcs(func_info, verified))
         fd = self._new_fd(prog)
         return fd, verified.xlated_insns, verified.log
+
+    def _attach_target(self, prog_type: str, attach_prog_fd: int | None, attach_func: str | None) -> SimProg | None:
+        """bpf_prog_load's part of an extension's target: the program fd and a function name are required."""
+        if prog_type != "ext":
+            return None
+        if attach_prog_fd is None or not attach_func:
+            raise SimError(errno.EINVAL, "an extension program needs attach_prog_fd and attach_btf_id")
+        return self.prog(attach_prog_fd)
+
+    def check_attach_target(self, target_fd: int, func: str) -> None:
+        """The load-time check of an extension's target (bpf_check_attach_target), on its own."""
+        try:
+            _check_replaceable(self.prog(target_fd), func)
+        except vf.VerifierError as e:
+            raise SimError(e.errno, e.message, e.message_class) from None
+
+    # -- links ---------------------------------------------------------------------------------------------
+
+    def link_create(self, ext_fd: int, target_fd: int, func: str) -> int:
+        """BPF_LINK_CREATE(ext, target, BPF_TRACE_FREPLACE, func's btf id): from now on the target runs the
+        extension wherever it calls `func`. A function takes one extension at a time (EBUSY)."""
+        ext, target = self.prog(ext_fd), self.prog(target_fd)
+        if ext.prog_type != "ext":
+            raise SimError(errno.EINVAL, f"program {ext.name!r} is not an extension")
+        try:
+            start = _check_replaceable(target, func)
+        except vf.VerifierError as e:
+            raise SimError(e.errno, e.message, e.message_class) from None
+        if start is not None and start in target.links:
+            raise SimError(errno.EBUSY, f"{func} of {target.name!r} is already replaced")
+        link = SimLink(self._next_fd, ext, target, start)
+        fd = self._new_fd(link)
+        if self.profile.freplace and start is not None:
+            target.links[start] = ext
+            _relink(target)
+        return fd
+
+    def link_destroy(self, link_fd: int) -> None:
+        """Close a link: the target calls its own function again."""
+        link = self._objects.get(link_fd)
+        if not isinstance(link, SimLink):
+            raise SimError(errno.EBADF if link is None else errno.EINVAL, f"fd {link_fd} is not a link")
+        del self._objects[link_fd]
+        if link.start is not None and link.target.links.get(link.start) is link.ext:
+            del link.target.links[link.start]
+            _relink(link.target)
 
     def prog_xlated(self, fd: int) -> list[Insn]:
         """The program as it runs: map references resolved to addresses (the kernel's dump shows map ids
@@ -394,6 +487,8 @@ class SimKernel:
     def test_run(self, prog_fd: int, cpu: int | None = None) -> int:
         """BPF_PROG_TEST_RUN of a raw_tp program, on `cpu` (BPF_F_TEST_RUN_ON_CPU) or the first online CPU."""
         p = self.prog(prog_fd)
+        if p.prog_type == "ext":  # bpf_extension_prog_ops has no test_run
+            raise SimError(vf.ENOTSUPP, f"program {p.name!r} is an extension: it cannot be test-run")
         if p.prog_type != "raw_tp":
             raise SimError(errno.EOPNOTSUPP, f"unsupported by the simulator: test run of {p.prog_type}",
                            "sim_unsupported")
@@ -401,7 +496,7 @@ class SimKernel:
             cpu = self.online[0]
         elif cpu not in self.online:
             raise SimError(errno.ENXIO, f"cpu {cpu} is not online")  # bpf_prog_test_run_raw_tp
-        r0 = run(p.insns, memory=self.memory, cpu=cpu, percpu_offset=self.percpu_offset(cpu),
+        r0 = run(p.image, memory=self.memory, cpu=cpu, percpu_offset=self.percpu_offset(cpu),
                  helpers=self.helpers, r1=CTX_ADDR)
         return r0 & U32  # the attr's retval is 32 bits
 
@@ -445,7 +540,7 @@ class SimKernel:
         if target is None or m.tail_calls >= MAX_TAIL_CALLS:
             return m.regs[0]  # a failed tail call falls through and leaves r0 alone
         # the target runs in the same Machine: same CPU, same per-CPU offset, so the same per-CPU slots
-        return TailCall(target.insns)
+        return TailCall(target.image)
 
     @staticmethod
     def _c_string(m: Machine, addr: int, limit: int = 4096) -> bytes:
@@ -480,6 +575,33 @@ class SimKernel:
             for i, b in enumerate(chunk):
                 m.memory.write(out_addr + i, 1, b)
         return len(text) + 1
+
+
+def _funcs(func_info: Sequence[FuncSpec], verified: vf.VerifiedProgram) -> dict[str, SimFunc]:
+    """Each function's start in the rewritten program; None for one the verifier dropped as dead code (still
+    in func_info, so replaceable, but no call reaches it)."""
+    pos = verified.positions
+
+    def start(off: int) -> int | None:
+        return pos[off] if off + 1 < len(pos) and pos[off] < pos[off + 1] else None
+
+    return {f.name: SimFunc(f.name, start(f.insn_off), f.exported) for f in func_info}
+
+
+def _check_replaceable(target: SimProg, func: str) -> int | None:
+    """bpf_check_attach_target for an extension: the function must be one of the target's, and global [D]."""
+    if target.prog_type == "ext":
+        raise vf.VerifierError(errno.EINVAL, "Cannot recursively attach", "verifier_other")
+    found = target.funcs.get(func)
+    if found is None:
+        raise vf.VerifierError(errno.EINVAL, f"Subprog {func} doesn't exist", "verifier_other")
+    if not found.exported:
+        raise vf.VerifierError(errno.EINVAL, "Cannot replace static functions", "freplace_static_target")
+    return found.start
+
+
+def _relink(target: SimProg) -> None:
+    target.image = link_program(target.insns, {start: ext.insns for start, ext in target.links.items()})
 
 
 _CONVERSION = re.compile(rb"%([-+ 0#]*)(\d*)(ll|l|h)?([diuxXcsp%])")
