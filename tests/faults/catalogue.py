@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The properties, in the order the catalogue test tries them: loader facts before verdicts before runs, then the
 # instruction-level verifier cases (rules C programs do not reach), then set_initial_value (it compares every
 # layer, so it would otherwise take the blame for faults the focused properties name more precisely).
-PROPERTIES = ("maps", "verdicts", "runtime", "lowered_twin", "verifier", "initial_value")
+PROPERTIES = ("maps", "verdicts", "runtime", "lowered_twin", "verifier", "initial_value", "sets")
 
 
 @dataclass(frozen=True)
@@ -450,6 +450,24 @@ _FAULTS = [
           "right).", percpu_move_uses_cpu0, caught_by="runtime", layer="runtime"),
     Fault("bss_not_zeroed", "A `.bss` map starts with non-zero bytes.", bss_not_zeroed, caught_by="maps",
           layer="loader"),
+]
+
+
+def reuse_ignored(mp: pytest.MonkeyPatch) -> None:
+    # bpf_map__reuse_fd accepted but forgotten at load: the object creates and fills a map of its own
+    _replace_loader(mp, reuses_fd=False)
+
+
+def freplace_not_linked(mp: pytest.MonkeyPatch) -> None:
+    # the freplace link is made but the target's call is never redirected: the original subprogram still runs
+    mp.setitem(KERNEL_PROFILES, "patched", dataclasses.replace(KERNEL_PROFILES["patched"], freplace=False))
+
+
+_FAULTS += [
+    Fault("reuse_ignored", "A reused map fd is ignored: the second object gets its own per-CPU map.",
+          reuse_ignored, caught_by="sets", layer="loader"),
+    Fault("freplace_not_linked", "An attached extension program never runs: its target keeps calling the "
+          "original subprogram.", freplace_not_linked, caught_by="sets", layer="runtime"),
 ]
 
 # the property this fault needs arrived with suites/test_initial_value.py; without it the fault is not listed

@@ -30,9 +30,10 @@ from hypothesis import strategies as st
 from hypothesis.errors import HypothesisException
 
 from generators.asm import VerifierCase, verifier_cases
-from generators.model import ProgramModel
-from generators.strategies import program_models
+from generators.model import ObjectSet, ProgramModel
+from generators.strategies import object_sets, program_models
 from suites.backends import SimBackend
+from suites.sets import differential_set
 from suites.support import differential
 from suites.test_lowered_twin import check_lowered_twin
 from suites.test_verifier import check_case
@@ -68,14 +69,14 @@ class _Recording:
     """`st.data()` as the property sees it, keeping the last model or case drawn (the reproducer); `gate` may
     refuse to check a drawn example by raising _Skip."""
 
-    def __init__(self, data: st.DataObject, gate: Callable[[ProgramModel | VerifierCase], None]) -> None:
+    def __init__(self, data: st.DataObject, gate: Callable[[ProgramModel | ObjectSet | VerifierCase], None]) -> None:
         self.data = data
         self.gate = gate
-        self.drawn: ProgramModel | VerifierCase | None = None
+        self.drawn: ProgramModel | ObjectSet | VerifierCase | None = None
 
     def draw(self, strategy: st.SearchStrategy, label: str | None = None) -> Any:
         value = self.data.draw(strategy, label=label)
-        if isinstance(value, ProgramModel | VerifierCase):
+        if isinstance(value, ProgramModel | ObjectSet | VerifierCase):
             self.drawn = value
             self.gate(value)
         return value
@@ -98,6 +99,9 @@ def _check(prop: str, clang, backend: SimBackend, steer: Callable[[Any], bool] |
         return lambda data: differential("runtime", backend, clang, models(data), ("runtime",))
     if prop == "lowered_twin":
         return lambda data: check_lowered_twin(clang, backend, models(data))
+    if prop == "sets":
+        return lambda data: differential_set("sets", backend, clang, data.draw(
+            steered(object_sets(cpus=backend.online_cpus)), label="object set"))
     if prop == "initial_value":
         assert INITIAL_VALUE is not None and steer is None  # the suite's own body draws its model
         return lambda data: INITIAL_VALUE(clang, backend, data)
@@ -119,7 +123,7 @@ class Outcome:
     error: Exception | None  # the shrunk failure Hypothesis reported; None when the property passed
     seconds_to_first_failure: float | None  # from the start of this property's run
     seconds: float  # the whole run: generation, shrinking and the final replay
-    reproducer: ProgramModel | VerifierCase | None
+    reproducer: ProgramModel | ObjectSet | VerifierCase | None
     shrink_cut: bool = False  # shrinking stopped at SHRINK_SECONDS
 
     @property
@@ -131,6 +135,8 @@ class Outcome:
     def reproducer_vars(self) -> int | None:
         if isinstance(self.reproducer, ProgramModel):
             return len(self.reproducer.variables)
+        if isinstance(self.reproducer, ObjectSet):
+            return sum(len(m.variables) for m in self.reproducer.objects)
         return 1 if isinstance(self.reproducer, VerifierCase) else None
 
 
@@ -142,11 +148,11 @@ def run_property(prop: str, clang, backend: SimBackend, max_examples: int, *,
     check = _check(prop, clang, backend, steer)
     start = time.monotonic()
     first_failure: float | None = None
-    last_failing: ProgramModel | VerifierCase | None = None
-    failing: set[ProgramModel | VerifierCase] = set()
+    last_failing: ProgramModel | ObjectSet | VerifierCase | None = None
+    failing: set[ProgramModel | ObjectSet | VerifierCase] = set()
     shrink_cut = False
 
-    def gate(drawn: ProgramModel | VerifierCase) -> None:
+    def gate(drawn: ProgramModel | ObjectSet | VerifierCase) -> None:
         nonlocal shrink_cut
         spent = first_failure is not None and time.monotonic() - start - first_failure > SHRINK_SECONDS
         if spent and drawn not in failing:
