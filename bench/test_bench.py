@@ -16,9 +16,11 @@ import pytest
 
 from generators.model import ProgramModel
 from generators.render import render_global
-from schema.result import compare
+from schema.result import compare, compare_set
 from suites.backends import KernelBackend, SimBackend, Unavailable
 from suites.gate import sample_models
+from suites.sets import compile_set, sample_sets, set_plan
+from suites.sets import predict_for as predict_set_for
 from suites.support import compile_global, predict_for, runs_of
 from toolchain.clang import Clang, compile_c
 
@@ -129,3 +131,58 @@ def test_memory_and_fds_over_many_examples(clang, bench_results):
     bench_results["fds_before"] = fds_before
     bench_results["fds_after"] = len(os.listdir("/proc/self/fd"))
     bench_results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+N_SETS = int(os.environ.get("PERCPU_BENCH_SETS", "20"))
+N_SET_LEAK = int(os.environ.get("PERCPU_BENCH_SET_LEAK", "1000"))
+
+
+def _sets_end_to_end(clang, backend, sets) -> float:
+    for s in sets:
+        compiled = compile_set(clang, s)
+        compare_set(predict_set_for(backend, compiled, clang), backend.observe_set(set_plan(compiled)))
+    return len(sets)
+
+
+def _sets_clang_floor(clang, sets) -> float:
+    for s in sets:
+        for m in s.objects:
+            compile_c(clang, render_global(m), name=m.name)
+    return len(sets)
+
+
+@pytest.mark.parametrize("backend_name", ["clang", "sim", "kernel-raw", "kernel-libbpf"])
+def test_object_sets_end_to_end(benchmark, clang, cold_cache, bench_results, backend_name):
+    """Object sets (2-3 objects each) per second, against compiling their objects alone."""
+    sets = sample_sets(N_SETS, (0, 1))
+    if backend_name == "clang":
+        bench_results["sets_clang_per_s"] = _rate(benchmark, _sets_clang_floor, cold_cache, clang, sets)
+        return
+    try:
+        backend = (SimBackend("merged", 4, (0, 1)) if backend_name == "sim"
+                   else KernelBackend(backend_name.removeprefix("kernel-"), None, clang))
+    except Unavailable as e:
+        pytest.skip(str(e))
+    rate = _rate(benchmark, _sets_end_to_end, cold_cache, clang, backend, sets)
+    key = backend_name.replace("-", "_")
+    bench_results[f"sets_{key}_per_s"] = rate
+    if "sets_clang_per_s" in bench_results:
+        bench_results[f"sets_{key}_ratio"] = rate / bench_results["sets_clang_per_s"]
+
+
+def test_fds_over_many_set_observations(clang, bench_results):
+    """N_SET_LEAK set observations on the kernel (both loaders; links, reused fds, extension programs): the fd
+    count must come back to where it started."""
+    compiled = [compile_set(clang, s) for s in sample_sets(50, (0, 1))]
+    backends = [SimBackend("merged", 4, (0, 1))]
+    for loader in ("raw", "libbpf"):
+        with contextlib.suppress(Unavailable):
+            backends.append(KernelBackend(loader, None, clang))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    start = time.perf_counter()
+    for i in range(N_SET_LEAK):
+        backends[i % len(backends)].observe_set(set_plan(compiled[i % len(compiled)]))
+    bench_results["set_leak_observations"] = N_SET_LEAK
+    bench_results["set_leak_seconds"] = time.perf_counter() - start
+    bench_results["set_fds_before"] = fds_before
+    bench_results["set_fds_after"] = len(os.listdir("/proc/self/fd"))

@@ -22,6 +22,7 @@ CLASSES: dict[str, str] = {
     "write_into_rdonly": "a store into a BPF_F_RDONLY_PROG map",
     "const_str_percpu": "a per-CPU map value used as a const string / format",
     "const_str_not_rdonly": "a const string in a map that is not read-only and frozen",
+    "freplace_static_target": "an extension program whose target function is not global (EINVAL)",
     "e2big": "map creation refused: round_up(value_size, 8) above the per-CPU allocator's 32 KiB",
     "sim_unsupported": "outside what the simulator models (never a guess)",
     "runtime_fault": "the simulator's interpreter faulted at run time",
@@ -44,6 +45,10 @@ PATTERNS: tuple[tuple[re.Pattern[str], int | None, str], ...] = tuple((re.compil
     (r"points to percpu_array map which cannot be used as const string", None, "const_str_percpu"),
     (r"only array map supports (direct string value access|snprintf)", None, "const_str_percpu"),
     (r"does not point to a readonly map", None, "const_str_not_rdonly"),
+    # a static target the verifier marked unreliable; any other static target fails the prototype check
+    # (btf_check_func_type_match), which names the function [V: 6.1 guest]
+    (r"Cannot replace static functions", None, "freplace_static_target"),
+    (r"\(\) is not a global function", None, "freplace_static_target"),
 ))
 
 

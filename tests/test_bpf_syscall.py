@@ -12,6 +12,7 @@ import pytest
 
 from backends.kernel import bpf, probes
 from toolchain import insn as I
+from toolchain.btf import encode as btf_encode
 
 _USABLE, _REASON = probes.bpf_usable()
 pytestmark = pytest.mark.skipif(not _USABLE, reason=_REASON or "bpf() unusable")
@@ -339,4 +340,40 @@ def test_no_fd_leak_over_many_cycles():
                 bpf.prog_load(bpf.SOCKET_FILTER, value_prog)[0].close()
             with pytest.raises(bpf.BpfError):
                 bpf.map_update_elem(m, struct.pack("<I", 1), bytes(8))
+    assert _fd_count() == before
+
+
+# func_info, extension programs and links.
+
+def _global_call_prog() -> bytes:
+    """probe_main calls f (a global subprogram at insn 2), which returns 1."""
+    return I.encode([I.call_rel(1), I.exit_insn(), I.mov64_imm(0, 1), I.exit_insn()])
+
+
+def test_func_info_pairs_mark_a_global_subprogram():
+    with bpf.btf_load(btf_encode(probes._FREPLACE_BTF)) as btf:
+        fd, log = bpf.prog_load(bpf.RAW_TRACEPOINT, _global_call_prog(), name="probe_main", prog_btf_fd=btf,
+                                func_info=[(0, 6), (2, probes._FREPLACE_TARGET_FUNC)], log_level=2)
+        with fd:
+            assert bpf.prog_test_run(fd, cpu=0).retval == 1
+        assert "Func#1 ('f') is global" in log
+        with pytest.raises(bpf.BpfError) as e:
+            bpf.prog_load(bpf.RAW_TRACEPOINT, _global_call_prog(), prog_btf_fd=btf, func_info=[(0, 6), (1, 3)])
+        assert e.value.errno == errno.EINVAL and "doesn't match subprog layout" in str(e.value)
+
+
+def test_link_create_refusal_leaks_nothing():
+    # a socket filter has no freplace attachment: refused before any target is looked at
+    before = _fd_count()
+    with bpf.prog_load(bpf.SOCKET_FILTER, _ret_prog(0))[0] as fd:
+        with pytest.raises(bpf.BpfError) as e:
+            bpf.link_create(fd, fd, bpf.BPF_TRACE_FREPLACE)
+        assert e.value.op == "BPF_LINK_CREATE" and e.value.errno == errno.EINVAL
+    assert _fd_count() == before
+
+
+def test_freplace_probe():
+    before = _fd_count()
+    usable, reason = probes.probe_freplace()
+    assert isinstance(usable, bool) and (reason == "") == usable
     assert _fd_count() == before

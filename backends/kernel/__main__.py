@@ -2,9 +2,13 @@
 
     python -m backends.kernel run FILE.{c,o} [--loader libbpf|raw] [--libbpf PATH] [--run PROG@CPU[:COUNT] ...]
                                              [--clang PATH]
+    python -m backends.kernel run-set A.{c,o} B.{c,o} ... [--loader libbpf|raw] [--libbpf PATH] [--clang PATH]
+                                             [--reuse K:KEY=SRC ...] [--attach K:EXT=PROG:FUNC ...]
+                                             [--run PROG@CPU[:COUNT] ...]
     python -m backends.kernel probe [--loader libbpf|raw] [--libbpf PATH]
 
-`run` prints the Observation JSON, `probe` the environment. Every failure is one line on stderr and an exit code:
+`run` prints the Observation JSON, `run-set` the object set's document (docs/object-sets.md), `probe` the
+environment. Every failure is one line on stderr and an exit code:
 2 bad input or corrupt object, 3 toolchain, 4 backend unavailable (not root, bpf() refused, libbpf missing).
 """
 
@@ -14,9 +18,11 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from schema.objectset import SetPlan, parse_attach, parse_reuse
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_TOOLCHAIN, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -42,6 +48,16 @@ def parse_run(text: str) -> tuple[str, int, int]:
     return m.group(1), int(m.group(2)), int(m.group(3) or 1)
 
 
+def _plan_arg(parse: Callable[[str], tuple]) -> Callable[[str], tuple]:
+    """An argparse type from a schema.objectset parser (whose ValueError names the expected form)."""
+    def convert(text: str) -> tuple:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m backends.kernel", description="observe BPF objects on the running kernel")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -52,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", dest="runs", metavar="PROG@CPU[:COUNT]", type=parse_run, action="append",
                      default=[], help="BPF_PROG_TEST_RUN PROG COUNT times on CPU; repeatable, in order")
     run.add_argument("--clang", metavar="PATH", default=None, help="clang for .c input (default: clang-19 or newer)")
+    run_set = sub.add_parser("run-set", help="load several objects into one kernel (map reuse, freplace), run "
+                                             "them, print the object set's document")
+    run_set.add_argument("files", nargs="+", help="BPF objects (.o) or C sources (.c), loaded in this order")
+    run_set.add_argument("--loader", choices=("libbpf", "raw"), default="libbpf")
+    run_set.add_argument("--libbpf", metavar="PATH", default=None, help="libbpf.so to use (default: the system's)")
+    run_set.add_argument("--reuse", metavar="K:KEY=SRC", type=_plan_arg(parse_reuse), action="append", default=[],
+                         help="object K's map KEY (an internal map's section or a map's name) reuses object SRC's")
+    run_set.add_argument("--attach", metavar="K:EXT=PROG:FUNC", type=_plan_arg(parse_attach), action="append",
+                         default=[], help="object K's extension EXT replaces FUNC in program PROG")
+    run_set.add_argument("--run", dest="runs", metavar="PROG@CPU[:COUNT]", type=parse_run, action="append",
+                         default=[], help="BPF_PROG_TEST_RUN PROG COUNT times on CPU; repeatable, in order")
+    run_set.add_argument("--clang", metavar="PATH", default=None,
+                         help="clang for .c input (default: clang-19 or newer)")
     probe = sub.add_parser("probe", help="print the probed environment")
     probe.add_argument("--loader", choices=("libbpf", "raw"), default="libbpf")
     probe.add_argument("--libbpf", metavar="PATH", default=None)
@@ -105,6 +134,33 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return doc
 
 
+def cmd_run_set(args: argparse.Namespace) -> dict:
+    from backends.kernel.observe import observe_set_libbpf, observe_set_raw
+    from toolchain.elf import ObjectError, read_object
+
+    objects, clang_version = [], None
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise Failure(EXIT_INPUT, f"{path}: no such file")
+        if path.suffix == ".c":
+            path, clang_version = _compile(path, args.clang)
+        objects.append(path)
+    try:
+        plan = SetPlan(tuple(objects), tuple(args.reuse), tuple(args.attach), tuple(args.runs))
+        for obj in objects:
+            read_object(obj)
+        if args.loader == "raw":
+            doc = observe_set_raw(plan)
+        else:
+            doc = observe_set_libbpf(plan, libbpf=_libbpf(args.libbpf))
+    except (ObjectError, ValueError) as e:
+        # a corrupt object, or a plan naming an object, program or map that is not there
+        raise Failure(EXIT_INPUT, str(e)) from None
+    doc["env"]["clang"] = clang_version
+    return doc
+
+
 def cmd_probe(args: argparse.Namespace) -> dict:
     from backends.kernel.observe import (
         BackendUnavailable,
@@ -126,13 +182,17 @@ def cmd_probe(args: argparse.Namespace) -> dict:
     return environment(lib, libbpf_profile_name(lib, features))
 
 
+_COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {"run": cmd_run, "run-set": cmd_run_set,
+                                                              "probe": cmd_probe}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         from backends.kernel.observe import BackendUnavailable
 
         args = build_parser().parse_args(argv)
         try:
-            doc = cmd_run(args) if args.command == "run" else cmd_probe(args)
+            doc = _COMMANDS[args.command](args)
         except BackendUnavailable as e:
             raise Failure(EXIT_UNAVAILABLE, f"kernel backend unavailable: {e}") from None
         print(json.dumps(doc, indent=1))

@@ -2,7 +2,8 @@
 
 The suite must judge the libbpf a user actually ships (the distribution's `libbpf.so.1` or a patched
 build given by path), so nothing here reimplements libbpf: every answer comes from its public API.
-Programs are only run through BPF_PROG_TEST_RUN; nothing is ever attached.
+Programs are only run through BPF_PROG_TEST_RUN; the only attachment is an extension program's freplace link to
+a program the suite loaded itself, never a live hook.
 
 libbpf reports most of its reasoning only through its print callback (for instance the INFO line it prints
 when it skips a section it does not understand), so every line it prints while an object is opened, loaded
@@ -34,6 +35,7 @@ __all__ = [
     "Libbpf",
     "LibbpfError",
     "LibbpfMissing",
+    "LibbpfLink",
     "LibbpfObject",
     "LogRecord",
     "MapView",
@@ -242,6 +244,11 @@ _OPTIONAL: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__autocreate": (ctypes.c_bool, [_vp]),
     "bpf_program__type": (_i, [_vp]),
     "bpf_program__autoload": (ctypes.c_bool, [_vp]),
+    # object sets: map reuse and extension programs
+    "bpf_map__reuse_fd": (_i, [_vp, _i]),
+    "bpf_program__set_attach_target": (_i, [_vp, _i, _cp]),
+    "bpf_program__attach_freplace": (_vp, [_vp, _i, _cp]),
+    "bpf_link__destroy": (_i, [_vp]),
 }
 
 
@@ -377,6 +384,12 @@ class Libbpf:
         """Whether this build exports `sym` (of the symbols this binding knows about)."""
         return sym in self._fn
 
+    def require(self, *syms: str) -> None:
+        """Raise LibbpfMissing unless this build exports every one of `syms`."""
+        missing = [s for s in syms if s not in self._fn]
+        if missing:
+            raise LibbpfMissing(f"{self.path} lacks symbol(s) {', '.join(missing)}")
+
     def _version(self) -> str:
         m = re.search(r"libbpf\.so\.(\d+)\.(\d+)\.(\d+)$", os.path.basename(self.path))
         if self.has("libbpf_major_version") and self.has("libbpf_minor_version"):
@@ -410,6 +423,35 @@ class Libbpf:
         if not ok:
             raise LibbpfError("open", err or _errno.EINVAL, records)
         return LibbpfObject(self, raw, obj_path, records)
+
+    def _pointer_error(self, raw: int | None) -> int:
+        """The positive errno behind a pointer-returning call's failure, or 0 when `raw` is a valid pointer."""
+        if raw and raw <= _PTR_MASK - _MAX_ERRNO:
+            return 0
+        if "libbpf_get_error" in self._fn:
+            err = -int(self._fn["libbpf_get_error"](raw))
+        elif raw:
+            err = _PTR_MASK + 1 - raw
+        else:
+            err = ctypes.get_errno()
+        return err or _errno.EINVAL
+
+
+class LibbpfLink:
+    """A `struct bpf_link` (an freplace link); close() destroys it exactly once."""
+
+    def __init__(self, lib: Libbpf, ptr: int) -> None:
+        self._fn = lib._fn
+        self._ptr: int | None = ptr
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, None
+        if ptr:
+            self._fn["bpf_link__destroy"](ptr)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class LibbpfObject:
@@ -539,6 +581,11 @@ class LibbpfObject:
     def map(self, name: str) -> MapView:
         return self._view_map(self._map(name))
 
+    def map_index(self, name: str) -> int:
+        """Where the map `name` (resolved as `map` does) stands in maps(); KeyError when there is none."""
+        target = self._map(name)
+        return next(i for i, m in enumerate(self._map_ptrs()) if m == target)
+
     # -- mutation before load --------------------------------------------------------------------------
 
     def set_initial_value(self, map_name: str, data: bytes) -> int:
@@ -550,6 +597,30 @@ class LibbpfObject:
     def set_value_size(self, map_name: str, size: int) -> int:
         """libbpf's return value: 0 or -errno."""
         return int(self._fn["bpf_map__set_value_size"](self._map(map_name), size))
+
+    def reuse_fd(self, map_name: str, fd: int) -> int:
+        """bpf_map__reuse_fd: the map takes (a duplicate of) `fd` instead of being created; 0 or -errno."""
+        self._lib.require("bpf_map__reuse_fd")
+        with _capture(self.records):
+            return int(self._fn["bpf_map__reuse_fd"](self._map(map_name), fd))
+
+    def set_attach_target(self, prog_name: str, target_fd: int, func: str) -> int:
+        """bpf_program__set_attach_target (before load): the program replaces `func` of program `target_fd`;
+        0 or -errno."""
+        self._lib.require("bpf_program__set_attach_target")
+        with _capture(self.records):
+            return int(self._fn["bpf_program__set_attach_target"](self._prog(prog_name), target_fd, func.encode()))
+
+    def attach_freplace(self, prog_name: str, target_fd: int, func: str) -> LibbpfLink:
+        """bpf_program__attach_freplace (after load); raises LibbpfError when libbpf or the kernel refuses."""
+        self._lib.require("bpf_program__attach_freplace", "bpf_link__destroy")
+        with _capture(self.records):
+            ctypes.set_errno(0)
+            raw = self._fn["bpf_program__attach_freplace"](self._prog(prog_name), target_fd, func.encode())
+            err = self._lib._pointer_error(raw)
+        if err:
+            raise LibbpfError("attach_freplace", err, self.records)
+        return LibbpfLink(self._lib, raw)
 
     def load(self) -> None:
         obj = self._obj()

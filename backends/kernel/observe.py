@@ -6,33 +6,49 @@ Two loaders feed the same result document (`shared/spec/result-schema.md`):
     kernel through `bpf()` alone, so kernel behaviour is observed independently of any libbpf.
 
 Both follow libbpf's object semantics: the first program the kernel rejects fails the object, later programs
-are never offered and no run happens. Programs only ever run through BPF_PROG_TEST_RUN; every descriptor
+are never offered and no run happens. `observe_set_libbpf` / `observe_set_raw` load several objects into one
+kernel (docs/object-sets.md): map reuse, and extension programs linked to the set's own target programs.
+Programs only ever run through BPF_PROG_TEST_RUN and nothing is attached to a live hook; every descriptor
 opened here is closed on every path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as _errno
 import functools
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from backends import objload
 from backends.kernel import bpf, probes
-from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LogRecord
+from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LibbpfObject, LogRecord, MapView, ProgView
 from schema import messages
-from schema.result import Result, map_entry, new_env, new_result, program_entry
+from schema.objectset import SetPlan
+from schema.result import (
+    REUSE_FAILED,
+    Result,
+    map_entry,
+    new_env,
+    new_result,
+    new_set_result,
+    not_opened,
+    program_entry,
+)
 from toolchain import insn as I
+from toolchain.btf import Btf, BtfError, fixup_datasecs
+from toolchain.btf import encode as btf_encode
 from toolchain.elf import ObjectFacts, read_object
 
 __all__ = [
     "BackendUnavailable", "Run", "environment", "kernel_features", "kernel_profile_name", "libbpf_profile_name",
     "raw_profile_name", "classify_message", "observe", "observe_libbpf", "observe_raw", "open_libbpf", "require_bpf",
+    "observe_set_libbpf", "observe_set_raw", "LibbpfSession", "RawSession", "reused_map_name",
 ]
 
 Run = tuple[str, int, int]  # (program, cpu, count)
@@ -253,6 +269,92 @@ def _fail_open(result: Result, facts: ObjectFacts, error_class: str, message: st
     return result
 
 
+# -- one object in the kernel, phase by phase ----------------------------------------------------------------
+
+
+def _freplace_target(section: str) -> str | None:
+    """The function an extension program replaces, from its section `freplace/<func>` (libbpf's SEC name)."""
+    base, _, func = section.lstrip("?").partition("/")
+    return func if base == "freplace" and func else None
+
+
+def reused_map_name(own: str, source_kernel_name: str) -> str:
+    """bpf_map__name of a map after bpf_map__reuse_fd (docs/object-sets.md rule 2): the source's kernel name,
+    unless that is a full-length (15-character) prefix of the map's own name, which then stays."""
+    if len(source_kernel_name) == bpf.BPF_OBJ_NAME_LEN - 1 and own.startswith(source_kernel_name):
+        return own
+    return source_kernel_name
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+class _Session:
+    """One object in the kernel, phase by phase: open; then, in an object set, its map reuses and attach targets;
+    load; in a set, attach; read `before`; runs; read `after`; close. A single observation runs the phases back to
+    back, an object set interleaves them across its objects (docs/object-sets.md)."""
+
+    loader = ""
+
+    def __init__(self, obj_path: str | os.PathLike[str], env: dict[str, Any],
+                 initial_values: Mapping[str, bytes] | None) -> None:
+        self.path = obj_path
+        self.facts = _facts(obj_path)
+        self.result = _base_result(obj_path, self.facts, env, self.loader)
+        self.initial_values = dict(initial_values or {})
+        self.ncpus = len(probes.possible_cpus())
+        self.online = probes.online_cpus()
+        self.opened = False  # the open succeeded (a reuse may still fail the object before its load)
+        self.loaded = False  # every program accepted: the object counts as loaded
+        self.prog_fds: dict[str, int] = {}
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _map_index(self, key: str) -> int:
+        raise NotImplementedError
+
+    def require_map(self, key: str) -> None:
+        """ValueError unless the object has the map `key`: a plan naming a map that is not there is bad input."""
+        self._map_index(key)
+
+    def run(self, run: Run) -> dict[str, Any]:
+        return _do_runs([run], self.prog_fds, self.online, None if self.loaded else "object failed to load")[0]
+
+    def extensions(self) -> list[str]:
+        return [f.name for f in self.facts.functions if f.is_program and _freplace_target(f.section)]
+
+    def mark_extensions(self) -> None:
+        """Extension programs of an object the set opened say whether they are attached (false until they are)."""
+        names = set(self.extensions())
+        for entry in self.result["programs"]:
+            if entry["name"] in names:
+                entry["attached"] = False
+
+    def _program(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.result["programs"] if p["name"] == name)
+
+    def _attached(self, ext: str, link: _Closeable | None, error: str | None) -> _Closeable | None:
+        entry = self._program(ext)
+        entry["attached"] = link is not None
+        if error is not None:
+            entry["attach_error"] = error
+        return link
+
+    def _fail_reuse(self, message: str, programs: Iterable[str]) -> None:
+        """Rule 2: a map to reuse was never created, so the object fails before its load; nothing of it is
+        created, nothing loaded."""
+        self.result["open"] = {"ok": False, "error_class": REUSE_FAILED, "message": message}
+        self.result["programs"] = [program_entry(name, "not_loaded", errno=None) for name in programs]
+
+
 # -- libbpf ----------------------------------------------------------------------------------------------------
 
 
@@ -312,6 +414,166 @@ def _rejection(e: LibbpfError) -> tuple[str | None, int, str | None, str]:
     return failed, err, message, classify_message(block or [message], err)
 
 
+class LibbpfSession(_Session):
+    """One object opened, loaded and run by a shipped libbpf, through its public API."""
+
+    loader = "libbpf"
+
+    def __init__(self, obj_path: str | os.PathLike[str], *, libbpf: Libbpf, env: dict[str, Any],
+                 initial_values: Mapping[str, bytes] | None = None) -> None:
+        super().__init__(obj_path, env, initial_values)
+        self.libbpf = libbpf
+        self.obj: LibbpfObject | None = None
+        self.views: list[MapView] = []
+        self.sections: list[str | None] = []
+        self.programs: list[ProgView] = []
+        self.after_load: dict[int, bytes] = {}  # map index -> value written after load
+        self.reused: set[int] = set()
+        self.targets: dict[str, tuple[int, str]] = {}  # extension -> (target program fd, function)
+
+    def close(self) -> None:
+        if self.obj is not None:
+            self.obj.close()
+
+    def open(self) -> bool:
+        """`initial_values` maps bpf_map__name to the new value: an internal map's before load, any other map's
+        after load (on every possible CPU for per-CPU maps). ValueError for a value that names no map or has
+        the wrong size."""
+        try:
+            self.obj = obj = self.libbpf.open(os.fspath(self.path))
+        except LibbpfError as e:
+            cls, message = _open_failure(e)
+            _fail_open(self.result, self.facts, cls, message, e.errno)
+            return False
+        self.opened = True
+        views = obj.maps()
+        index = {v.name: i for i, v in enumerate(views)}
+        unknown = self.initial_values.keys() - index.keys()
+        if unknown:
+            raise ValueError(f"initial value for unknown map(s) {sorted(unknown)} in {self.path}")
+        for name, data in self.initial_values.items():
+            v = views[index[name]]
+            _check_size(name, data, v.value_size)
+            if v.internal and v.type not in bpf.PERCPU_MAP_TYPES:
+                rc = obj.set_initial_value(name, data)
+                if rc:
+                    raise ValueError(f"bpf_map__set_initial_value({name}) = {rc}")
+            else:
+                self.after_load[index[name]] = data
+        self.views = views
+        self.sections = [_internal_section(v.name) if v.internal else None for v in views]
+        self.result["variables"] = _variables(self.facts, [s for s in self.sections if s is not None])
+        self.programs = obj.programs()
+        return True
+
+    def _map_index(self, key: str) -> int:
+        """A map key (an internal map's section or a map's name); ValueError when the object has no such map."""
+        assert self.obj is not None
+        try:
+            return self.obj.map_index(key)
+        except KeyError:
+            raise ValueError(f"reuse of {key!r}: {self.path} has no such map") from None
+
+    def map_fd(self, key: str) -> int | None:
+        """The fd of the map `key`; None when it was not created."""
+        assert self.obj is not None
+        self._map_index(key)
+        fd = self.obj.map_fd(key)
+        return fd if fd >= 0 else None
+
+    def reuse(self, key: str, fd: int) -> str | None:
+        """bpf_map__reuse_fd before load; the reason when libbpf refuses."""
+        assert self.obj is not None
+        index = self._map_index(key)
+        rc = self.obj.reuse_fd(key, fd)
+        if rc < 0:
+            return f"bpf_map__reuse_fd: {-rc} ({os.strerror(-rc)})"
+        self.reused.add(index)
+        return None
+
+    def fail_reuse(self, message: str) -> None:
+        assert self.obj is not None
+        self._fail_reuse(message, [p.name for p in self.programs])
+        self.result["maps"] = self._uncreated_maps(self.obj.maps())
+
+    def set_attach_target(self, ext: str, target: LibbpfSession | None, prog: str, func: str) -> None:
+        """bpf_program__set_attach_target before load. Without a loaded target program nothing is set, and libbpf
+        resolves (and fails) the target on its own at load."""
+        assert self.obj is not None
+        fd = target.obj.prog_fd(prog) if target is not None and target.obj is not None else -1
+        if fd >= 0 and self.obj.set_attach_target(ext, fd, func) == 0:
+            self.targets[ext] = (fd, func)
+
+    def load(self) -> bool:
+        assert self.obj is not None
+        try:
+            self.obj.load()
+        except LibbpfError as e:
+            self._load_failed(e)
+            return False
+        self.result["load"] = {"ok": True, "errno": 0, "message": None}
+        self.views = views = self.obj.maps()
+        for i, v in enumerate(views):
+            # a reused map keeps the source's contents: its own starting value is never written
+            if i in self.after_load and i not in self.reused and v.fd >= 0:
+                _write_key0(v.fd, v.type, v.key_size, v.value_size, self.after_load[i], self.ncpus)
+        for v, section in zip(views, self.sections, strict=True):
+            created = v.fd >= 0
+            self.result["maps"].append(map_entry(
+                name=v.name, kernel_name=bpf.map_info(v.fd).name if created else None, section=section,
+                type=_type_name(v.type), key_size=v.key_size, value_size=v.value_size,
+                max_entries=v.max_entries, flags=v.map_flags, internal=v.internal, created=created))
+        for p in self.obj.programs():
+            if p.fd < 0:
+                self.result["programs"].append(program_entry(p.name, "not_loaded", errno=None))
+                continue
+            self.prog_fds[p.name] = p.fd
+            self.result["programs"].append(program_entry(
+                p.name, "accepted", xlated_insns=bpf.prog_info(p.fd).xlated_prog_len // 8))
+        self.loaded = True
+        return True
+
+    def _uncreated_maps(self, views: Sequence[MapView]) -> list[dict[str, Any]]:
+        return [map_entry(name=v.name, kernel_name=None, section=s, type=_type_name(v.type), key_size=v.key_size,
+                          value_size=v.value_size, max_entries=v.max_entries, flags=v.map_flags,
+                          internal=v.internal, created=False)
+                for v, s in zip(views, self.sections, strict=True)]
+
+    def _load_failed(self, e: LibbpfError) -> None:
+        failed, err, message, cls = _rejection(e)
+        self.result["load"] = {"ok": False, "errno": e.errno, "message": message}
+        # libbpf destroys every map of an object that failed to load
+        self.result["maps"] = self._uncreated_maps(self.views)
+        verdict = "accepted" if failed is not None else "not_loaded"
+        for p in self.programs:
+            if p.name == failed:
+                self.result["programs"].append(program_entry(p.name, "rejected", errno=err, message_class=cls,
+                                                             message=message))
+                verdict = "not_loaded"
+            elif verdict == "accepted" and p.autoload is not False:
+                self.result["programs"].append(program_entry(p.name, "accepted", xlated_insns=None))
+            else:
+                self.result["programs"].append(program_entry(p.name, "not_loaded", errno=None))
+
+    def attach(self, ext: str) -> _Closeable | None:
+        """bpf_program__attach_freplace to the target set before load; the link, or None when there is none."""
+        assert self.obj is not None
+        if ext not in self.targets:
+            return self._attached(ext, None, "no attach target")
+        fd, func = self.targets[ext]
+        try:
+            return self._attached(ext, self.obj.attach_freplace(ext, fd, func), None)
+        except LibbpfError as e:
+            return self._attached(ext, None, str(e))
+
+    def snapshot(self, when: str) -> None:
+        if not self.loaded:
+            return
+        for v, m in zip(self.views, self.result["maps"], strict=True):
+            if m["created"]:
+                m[when] = _read_key0(v.fd, v.type, v.key_size, v.value_size, self.ncpus)
+
+
 def observe_libbpf(obj_path: str | os.PathLike[str], *, libbpf: Libbpf, runs: Sequence[Run] = (),
                    initial_values: Mapping[str, bytes] | None = None) -> Result:
     """Open, load and run an object with `libbpf`; `initial_values` maps bpf_map__name to the new value (an
@@ -320,190 +582,277 @@ def observe_libbpf(obj_path: str | os.PathLike[str], *, libbpf: Libbpf, runs: Se
     Raises BackendUnavailable, toolchain.elf.ObjectError for a file that is not a BPF object, and ValueError
     for an initial value that names no map or has the wrong size."""
     require_bpf()
-    facts = _facts(obj_path)
-    features = kernel_features()
-    result = _base_result(obj_path, facts, environment(libbpf, libbpf_profile_name(libbpf, features)), "libbpf")
-    ncpus = len(probes.possible_cpus())
-    online = probes.online_cpus()
-    initial_values = dict(initial_values or {})
-    try:
-        obj = libbpf.open(os.fspath(obj_path))
-    except LibbpfError as e:
-        cls, message = _open_failure(e)
-        return _fail_open(result, facts, cls, message, e.errno)
-    with obj:
-        views = obj.maps()
-        by_name = {v.name: v for v in views}
-        unknown = initial_values.keys() - by_name.keys()
-        if unknown:
-            raise ValueError(f"initial value for unknown map(s) {sorted(unknown)} in {obj_path}")
-        after_load: dict[str, bytes] = {}
-        for name, data in initial_values.items():
-            v = by_name[name]
-            _check_size(name, data, v.value_size)
-            if v.internal and v.type not in bpf.PERCPU_MAP_TYPES:
-                rc = obj.set_initial_value(name, data)
-                if rc:
-                    raise ValueError(f"bpf_map__set_initial_value({name}) = {rc}")
-            else:
-                after_load[name] = data
-        sections = [_internal_section(v.name) if v.internal else None for v in views]
-        result["variables"] = _variables(facts, [s for s in sections if s is not None])
-        programs = obj.programs()
-        try:
-            obj.load()
-            load_error: LibbpfError | None = None
-        except LibbpfError as e:
-            load_error = e
+    env = environment(libbpf, libbpf_profile_name(libbpf, kernel_features()))
+    with LibbpfSession(obj_path, libbpf=libbpf, env=env, initial_values=initial_values) as session:
+        _observe_one(session, runs)
+    return session.result
 
-        if load_error is not None:
-            failed, err, message, cls = _rejection(load_error)
-            result["load"] = {"ok": False, "errno": load_error.errno, "message": message}
-            # libbpf destroys every map of an object that failed to load
-            result["maps"] = [map_entry(name=v.name, kernel_name=None, section=s, type=_type_name(v.type),
-                                        key_size=v.key_size, value_size=v.value_size, max_entries=v.max_entries,
-                                        flags=v.map_flags, internal=v.internal, created=False)
-                              for v, s in zip(views, sections, strict=True)]
-            verdict = "accepted" if failed is not None else "not_loaded"
-            for p in programs:
-                if p.name == failed:
-                    result["programs"].append(program_entry(p.name, "rejected", errno=err, message_class=cls,
-                                                            message=message))
-                    verdict = "not_loaded"
-                elif verdict == "accepted" and p.autoload is not False:
-                    result["programs"].append(program_entry(p.name, "accepted", xlated_insns=None))
-                else:
-                    result["programs"].append(program_entry(p.name, "not_loaded", errno=None))
-            result["runs"] = _do_runs(runs, {}, online, "object failed to load")
-            return result
 
-        result["load"] = {"ok": True, "errno": 0, "message": None}
-        views = obj.maps()
-        for v in views:
-            if v.name in after_load and v.fd >= 0:
-                _write_key0(v.fd, v.type, v.key_size, v.value_size, after_load[v.name], ncpus)
-        for v, section in zip(views, sections, strict=True):
-            created = v.fd >= 0
-            result["maps"].append(map_entry(
-                name=v.name, kernel_name=bpf.map_info(v.fd).name if created else None, section=section,
-                type=_type_name(v.type), key_size=v.key_size, value_size=v.value_size,
-                max_entries=v.max_entries, flags=v.map_flags, internal=v.internal, created=created,
-                before=_read_key0(v.fd, v.type, v.key_size, v.value_size, ncpus) if created else None))
-        prog_fds: dict[str, int] = {}
-        for p in obj.programs():
-            if p.fd < 0:
-                result["programs"].append(program_entry(p.name, "not_loaded", errno=None))
-                continue
-            prog_fds[p.name] = p.fd
-            result["programs"].append(program_entry(
-                p.name, "accepted", xlated_insns=bpf.prog_info(p.fd).xlated_prog_len // 8))
-        result["runs"] = _do_runs(runs, prog_fds, online, None)
-        for v, m in zip(views, result["maps"], strict=True):
-            if m["created"]:
-                m["after"] = _read_key0(v.fd, v.type, v.key_size, v.value_size, ncpus)
-    return result
+def _observe_one(session: LibbpfSession | RawSession, runs: Sequence[Run]) -> None:
+    if not session.open():
+        return
+    session.load()
+    session.snapshot("before")
+    session.result["runs"] = [session.run(r) for r in runs]
+    session.snapshot("after")
 
 
 # -- the suite's own loader ------------------------------------------------------------------------------------
 
 
-def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
-                initial_values: Mapping[str, bytes] | None = None) -> Result:
-    """Prepare the object with `backends.objload` (profile "raw": merged semantics, no feature probe) and load
-    it with bpf() directly. `initial_values` maps MapSpec.name to a value written after the initial image.
+def _fixed_btf(facts: ObjectFacts, prepared: objload.PreparedObject) -> Btf:
+    """The object's BTF after libbpf's DATASEC fix-up (section sizes, variable offsets), as objload computes it."""
+    assert facts.btf_data is not None
+    btf = Btf.parse(facts.btf_data)
+    sizes = {sec.name: sec.size for sec in facts.sections if sec.name in btf.datasecs()}
+    sizes.update({m.section: m.value_size for m in prepared.maps if m.internal and m.section is not None})
+
+    def var_offset(section: str, var: str) -> int | None:
+        sym = facts.variable_symbol(section, var)
+        return sym.value if sym is not None else None
+
+    return fixup_datasecs(btf, sizes, var_offset)
+
+
+class RawSession(_Session):
+    """One object prepared by `backends.objload` (profile "raw": merged semantics, no feature probe) and loaded
+    with bpf() directly.
 
     Map creation stops at the first failure (that map carries `errno`); the object then counts as not loaded.
-    The first rejected program fails the object: later programs are not offered and nothing runs, but the
-    maps stay readable, so `before`/`after` still show what the kernel holds."""
-    require_bpf()
-    facts = _facts(obj_path)
-    features = kernel_features()
-    result = _base_result(obj_path, facts, environment(None, raw_profile_name(features)), "raw")
-    ncpus = len(probes.possible_cpus())
-    online = probes.online_cpus()
-    initial_values = dict(initial_values or {})
-    try:
-        prepared = objload.prepare(facts, objload.LOADER_PROFILES["raw"])
-    except objload.OpenFailure as e:
-        return _fail_open(result, facts, e.error_class, e.message, e.errno)
-    specs = prepared.maps
-    by_name = {m.name: m for m in specs}
-    unknown = initial_values.keys() - by_name.keys()
-    if unknown:
-        raise ValueError(f"initial value for unknown map(s) {sorted(unknown)} in {obj_path}")
-    for name, data in initial_values.items():
-        _check_size(name, data, by_name[name].value_size)
-    result["variables"] = [{"name": n, "section": s, "offset": o, "size": z} for n, s, o, z in prepared.variables]
-    entries = [map_entry(name=m.name, kernel_name=m.kernel_name, section=m.section, type=_type_name(m.type),
-                         key_size=m.key_size, value_size=m.value_size, max_entries=m.max_entries, flags=m.flags,
-                         internal=m.internal, created=False) for m in specs]
-    result["maps"] = entries
+    The first rejected program fails the object: later programs are not offered and nothing runs, but the maps
+    stay readable, so `before`/`after` still show what the kernel holds. The object's BTF (after the DATASEC
+    fix-up) goes to the kernel and every program gets its func_info, as with libbpf."""
 
-    with contextlib.ExitStack() as stack:
-        fds: list[int] = []
-        for spec, entry in zip(specs, entries, strict=True):
+    loader = "raw"
+
+    def __init__(self, obj_path: str | os.PathLike[str], *, env: dict[str, Any],
+                 initial_values: Mapping[str, bytes] | None = None) -> None:
+        super().__init__(obj_path, env, initial_values)
+        self.stack = contextlib.ExitStack()
+        self.prepared: objload.PreparedObject | None = None
+        self.specs: list[objload.MapSpec] = []  # a reused map's spec carries the source map's shape
+        self.entries: list[dict[str, Any]] = []
+        self.fds: list[int] = []
+        self.readable = False  # every map exists
+        self.reused: dict[int, int] = {}  # map index -> the source's fd, used as it is (owned by the source)
+        self.targets: dict[str, tuple[int, int]] = {}  # extension -> (target program fd, target FUNC's BTF id)
+        self.btf: Btf | None = None
+        self.btf_fd: int = 0
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def open(self) -> bool:
+        """`initial_values` maps MapSpec.name to a value written after the initial image; ValueError for one that
+        names no map or has the wrong size."""
+        try:
+            prepared = objload.prepare(self.facts, objload.LOADER_PROFILES["raw"])
+        except objload.OpenFailure as e:
+            _fail_open(self.result, self.facts, e.error_class, e.message, e.errno)
+            return False
+        by_name = {m.name: m for m in prepared.maps}
+        unknown = self.initial_values.keys() - by_name.keys()
+        if unknown:
+            raise ValueError(f"initial value for unknown map(s) {sorted(unknown)} in {self.path}")
+        for name, data in self.initial_values.items():
+            _check_size(name, data, by_name[name].value_size)
+        self.result["variables"] = [{"name": n, "section": s, "offset": o, "size": z}
+                                    for n, s, o, z in prepared.variables]
+        self.entries = [map_entry(name=m.name, kernel_name=m.kernel_name, section=m.section,
+                                  type=_type_name(m.type), key_size=m.key_size, value_size=m.value_size,
+                                  max_entries=m.max_entries, flags=m.flags, internal=m.internal, created=False)
+                        for m in prepared.maps]
+        self.result["maps"] = self.entries
+        self.prepared, self.specs = prepared, list(prepared.maps)
+        self.opened = True
+        return True
+
+    def _map_index(self, key: str) -> int:
+        """A map key: an internal map's section, else a `.maps` map's name; ValueError when there is none."""
+        for i, m in enumerate(self.specs):
+            if m.section == key:
+                return i
+        for i, m in enumerate(self.specs):
+            if m.section is None and m.name == key:
+                return i
+        raise ValueError(f"reuse of {key!r}: {self.path} has no such map")
+
+    def map_fd(self, key: str) -> int | None:
+        """The fd of the map `key`; None when it was not created."""
+        index = self._map_index(key)
+        return self.fds[index] if self.readable else None
+
+    def reuse(self, key: str, fd: int) -> str | None:
+        """As bpf_map__reuse_fd: the map becomes the source's (its shape and kernel name from the source's info)
+        and is neither created nor written."""
+        index = self._map_index(key)
+        try:
+            info = bpf.map_info(fd)
+        except bpf.BpfError as e:
+            return f"map info of the source: {e}"
+        spec = self.specs[index]
+        self.specs[index] = dataclasses.replace(
+            spec, kernel_name=info.name, type=info.type, key_size=info.key_size, value_size=info.value_size,
+            max_entries=info.max_entries, flags=info.map_flags, initial=None, freeze=False)
+        self.entries[index].update(name=reused_map_name(spec.name, info.name), kernel_name=info.name,
+                                   type=_type_name(info.type), key_size=info.key_size, value_size=info.value_size,
+                                   max_entries=info.max_entries, flags=info.map_flags)
+        self.reused[index] = fd
+        return None
+
+    def fail_reuse(self, message: str) -> None:
+        assert self.prepared is not None
+        self._fail_reuse(message, [p.name for p in self.prepared.programs])
+        for entry in self.entries:
+            entry["created"] = False
+
+    def _program_spec(self, name: str) -> objload.ProgSpec | None:
+        assert self.prepared is not None
+        return next((p for p in self.prepared.programs if p.name == name), None)
+
+    def func_btf_id(self, prog: str, func: str) -> int:
+        """The BTF id of `func` as linked into `prog` (libbpf looks the name up in the program's BTF); 0 for
+        none."""
+        spec = self._program_spec(prog)
+        fs = spec.func(func) if spec is not None else None
+        if fs is not None and fs.btf_id is not None:
+            return fs.btf_id
+        return (self.btf.find("func", func) or 0) if self.btf is not None else 0
+
+    def set_attach_target(self, ext: str, target: RawSession | None, prog: str, func: str) -> None:
+        """The extension's BPF_PROG_LOAD names the target program and its FUNC; without a loaded target both
+        stay 0 and the kernel decides."""
+        if target is not None and prog in target.prog_fds:
+            self.targets[ext] = (target.prog_fds[prog], target.func_btf_id(prog, func))
+
+    def load(self) -> bool:
+        if not self._create_maps():
+            return False
+        self._load_btf()
+        failed = not self._load_programs()
+        if not failed:
+            failed = not _init_prog_arrays(self.specs, self.entries, self.fds, self.prog_fds, self.result)
+        if not failed:
+            self.result["load"] = {"ok": True, "errno": 0, "message": None}
+        self.loaded = not failed
+        return self.loaded
+
+    def _create_maps(self) -> bool:
+        assert self.prepared is not None
+        for index, (spec, entry) in enumerate(zip(self.specs, self.entries, strict=True)):
+            if index in self.reused:
+                self.fds.append(self.reused[index])
+                entry["created"] = True
+                continue
             try:
-                fd = stack.enter_context(bpf.map_create(spec.type, spec.key_size, spec.value_size,
-                                                        spec.max_entries, flags=spec.flags,
-                                                        name=spec.kernel_name or ""))
-                if spec.initial is not None:
-                    _write_key0(fd.fileno(), spec.type, spec.key_size, spec.value_size,
-                                spec.initial[:spec.value_size].ljust(spec.value_size, b"\0"), ncpus)
-                if spec.name in initial_values:
-                    _write_key0(fd.fileno(), spec.type, spec.key_size, spec.value_size,
-                                initial_values[spec.name], ncpus)
-                if spec.freeze:
-                    bpf.map_freeze(fd)
+                fd = self._create_map(spec)
             except (bpf.BpfError, ValueError) as e:
                 # ValueError: a name the kernel would refuse (bpf.map_create checks the length first)
                 err = e.errno if isinstance(e, bpf.BpfError) else _errno.EINVAL
                 entry["errno"] = err
-                result["load"] = {"ok": False, "errno": err, "message": f"map {spec.name!r}: {e}"}
+                self.result["load"] = {"ok": False, "errno": err, "message": f"map {spec.name!r}: {e}"}
                 break
-            fds.append(fd.fileno())
+            self.fds.append(fd)
             entry["created"] = True
-        if len(fds) < len(specs):
+        if len(self.fds) < len(self.specs):
             # an object whose maps cannot all be made never loads (as in libbpf)
-            for entry in entries:
+            for entry in self.entries:
                 entry["created"] = False
-            result["programs"] = [program_entry(p.name, "not_loaded", errno=None) for p in prepared.programs]
-            result["runs"] = _do_runs(runs, {}, online, "object failed to load")
-            return result
+            self.result["programs"] = [program_entry(p.name, "not_loaded", errno=None)
+                                       for p in self.prepared.programs]
+            return False
+        self.readable = True
+        return True
 
-        license = _license(facts)
-        prog_fds: dict[str, int] = {}
+    def _create_map(self, spec: objload.MapSpec) -> int:
+        fd = self.stack.enter_context(bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries,
+                                                     flags=spec.flags, name=spec.kernel_name or ""))
+        if spec.initial is not None:
+            _write_key0(fd.fileno(), spec.type, spec.key_size, spec.value_size,
+                        spec.initial[:spec.value_size].ljust(spec.value_size, b"\0"), self.ncpus)
+        if spec.name in self.initial_values:
+            _write_key0(fd.fileno(), spec.type, spec.key_size, spec.value_size, self.initial_values[spec.name],
+                        self.ncpus)
+        if spec.freeze:
+            bpf.map_freeze(fd)
+        return fd.fileno()
+
+    def _load_btf(self) -> None:
+        """BPF_BTF_LOAD of the fixed-up BTF, as libbpf does for every object with BTF: with func_info a global
+        subprogram is verified on its own, a program can be an extension's target, an extension names its FUNC.
+        A failure leaves the object without BTF, as libbpf carries on without it; the kernel then judges the
+        programs that needed it."""
+        if self.facts.btf_data is None:
+            return
+        assert self.prepared is not None
+        try:
+            self.btf = _fixed_btf(self.facts, self.prepared)
+            self.btf_fd = self.stack.enter_context(bpf.btf_load(btf_encode(self.btf))).fileno()
+        except (BtfError, bpf.BpfError):
+            self.btf_fd = 0
+
+    def _load_programs(self) -> bool:
+        assert self.prepared is not None
         failed = False
-        for prog in prepared.programs:
+        for prog in self.prepared.programs:
             if failed or not prog.autoload:
-                result["programs"].append(program_entry(prog.name, "not_loaded", errno=None))
+                self.result["programs"].append(program_entry(prog.name, "not_loaded", errno=None))
                 continue
-            insns = I.encode(objload.resolve(prog, fds))
             try:
-                fd, _ = bpf.prog_load(bpf.RAW_TRACEPOINT, insns, license=license, name=prog.name[:15],
-                                      log_size=VERIFIER_LOG_SIZE)
+                fd = self.stack.enter_context(self._load_program(prog))
             except bpf.BpfError as e:
                 message = e.reason or str(e)
-                result["programs"].append(program_entry(prog.name, "rejected", errno=e.errno,
-                                                        message_class=classify_message(e.log.splitlines()
-                                                                                       or [message], e.errno),
-                                                        message=message))
-                result["load"] = {"ok": False, "errno": e.errno, "message": message}
+                self.result["programs"].append(program_entry(
+                    prog.name, "rejected", errno=e.errno,
+                    message_class=classify_message(e.log.splitlines() or [message], e.errno), message=message))
+                self.result["load"] = {"ok": False, "errno": e.errno, "message": message}
                 failed = True
                 continue
-            stack.enter_context(fd)
-            prog_fds[prog.name] = fd.fileno()
-            result["programs"].append(program_entry(prog.name, "accepted",
-                                                    xlated_insns=bpf.prog_info(fd).xlated_prog_len // 8))
-        if not failed:
-            failed = not _init_prog_arrays(specs, entries, fds, prog_fds, result)
-        if not failed:
-            result["load"] = {"ok": True, "errno": 0, "message": None}
-        for spec, entry, fd in zip(specs, entries, fds, strict=True):
-            entry["before"] = _read_key0(fd, spec.type, spec.key_size, spec.value_size, ncpus)
-        result["runs"] = _do_runs(runs, prog_fds, online, "object failed to load" if failed else None)
-        for spec, entry, fd in zip(specs, entries, fds, strict=True):
-            entry["after"] = _read_key0(fd, spec.type, spec.key_size, spec.value_size, ncpus)
-    return result
+            self.prog_fds[prog.name] = fd.fileno()
+            self.result["programs"].append(program_entry(prog.name, "accepted",
+                                                         xlated_insns=bpf.prog_info(fd).xlated_prog_len // 8))
+        return not failed
+
+    def _load_program(self, prog: objload.ProgSpec) -> bpf.Fd:
+        extra: dict[str, Any] = {}
+        if self.btf_fd and all(f.btf_id is not None for f in prog.funcs):
+            extra.update(prog_btf_fd=self.btf_fd, func_info=[(f.insn_off, f.btf_id) for f in prog.funcs])
+        prog_type = bpf.RAW_TRACEPOINT
+        if prog.attach_func is not None:
+            prog_type = bpf.EXT
+            target_fd, btf_id = self.targets.get(prog.name, (0, 0))
+            extra.update(attach_prog_fd=target_fd, attach_btf_id=btf_id)
+        fd, _ = bpf.prog_load(prog_type, I.encode(objload.resolve(prog, self.fds)), license=_license(self.facts),
+                              name=prog.name[:15], log_size=VERIFIER_LOG_SIZE, **extra)
+        return fd
+
+    def attach(self, ext: str) -> _Closeable | None:
+        """BPF_LINK_CREATE of the extension to the target it was loaded for; the link, or None."""
+        if ext not in self.prog_fds or ext not in self.targets:
+            return self._attached(ext, None, "not loaded" if ext not in self.prog_fds else "no attach target")
+        target_fd, btf_id = self.targets[ext]
+        try:
+            link = bpf.link_create(self.prog_fds[ext], target_fd, bpf.BPF_TRACE_FREPLACE, btf_id)
+        except bpf.BpfError as e:
+            return self._attached(ext, None, str(e))
+        return self._attached(ext, link, None)
+
+    def snapshot(self, when: str) -> None:
+        if not self.readable:
+            return
+        for spec, entry, fd in zip(self.specs, self.entries, self.fds, strict=True):
+            entry[when] = _read_key0(fd, spec.type, spec.key_size, spec.value_size, self.ncpus)
+
+
+def observe_raw(obj_path: str | os.PathLike[str], *, runs: Sequence[Run] = (),
+                initial_values: Mapping[str, bytes] | None = None) -> Result:
+    """Observe one object with the suite's own loader (see RawSession). `initial_values` maps MapSpec.name to a
+    value written after the initial image."""
+    require_bpf()
+    env = environment(None, raw_profile_name(kernel_features()))
+    with RawSession(obj_path, env=env, initial_values=initial_values) as session:
+        _observe_one(session, runs)
+    return session.result
 
 
 def _init_prog_arrays(specs: Sequence[objload.MapSpec], entries: Sequence[dict[str, Any]], fds: Sequence[int],
@@ -535,3 +884,128 @@ def observe(obj_path: str | Path, *, loader: str = "libbpf", libbpf: Libbpf | No
     if loader != "libbpf":
         raise ValueError(f"unknown loader {loader!r} (libbpf or raw)")
     return observe_libbpf(obj_path, libbpf=libbpf or open_libbpf(), runs=runs, initial_values=initial_values)
+
+
+# -- object sets (docs/object-sets.md) ---------------------------------------------------------------------------
+
+
+_AnySession = LibbpfSession | RawSession
+
+
+def observe_set_raw(plan: SetPlan) -> dict[str, Any]:
+    """An object set through the suite's own loader: one Result per object, in load order (docs/object-sets.md).
+
+    Raises BackendUnavailable, toolchain.elf.ObjectError for a file that is not a BPF object, and ValueError for
+    a plan naming a program or map that is not there."""
+    require_bpf()
+    env = environment(None, raw_profile_name(kernel_features()))
+    return _observe_set(plan, env, "raw", lambda k: RawSession(plan.objects[k], env=env,
+                                                               initial_values=plan.initial_values_of(k)))
+
+
+def observe_set_libbpf(plan: SetPlan, *, libbpf: Libbpf) -> dict[str, Any]:
+    """An object set through a shipped libbpf (bpf_map__reuse_fd, bpf_program__set_attach_target,
+    bpf_program__attach_freplace); raises as observe_set_raw, and BackendUnavailable for a libbpf without them."""
+    require_bpf()
+    try:
+        if plan.reuse:
+            libbpf.require("bpf_map__reuse_fd")
+        if plan.attach:
+            libbpf.require("bpf_program__set_attach_target", "bpf_program__attach_freplace", "bpf_link__destroy")
+    except LibbpfMissing as e:
+        raise BackendUnavailable(str(e)) from None
+    env = environment(libbpf, libbpf_profile_name(libbpf, kernel_features()))
+    return _observe_set(plan, env, "libbpf", lambda k: LibbpfSession(plan.objects[k], libbpf=libbpf, env=env,
+                                                                     initial_values=plan.initial_values_of(k)))
+
+
+def _set_owners(plan: SetPlan, facts: Sequence[ObjectFacts]) -> dict[str, int]:
+    """Program name -> index of the object that holds it; ValueError for a plan naming a program that is not
+    where it says (checked before anything reaches the kernel)."""
+    owner = {name: k for k, f in enumerate(facts) for name in _program_names(f)}
+    for k, ext, prog, _ in plan.attach:
+        if owner.get(ext) != k:
+            raise ValueError(f"attach of {ext!r}: object {k} has no such program")
+        if prog not in owner:
+            raise ValueError(f"attach of {ext!r}: no program {prog!r} in the set")
+    for prog, _, _ in plan.runs:
+        if prog not in owner:
+            raise ValueError(f"run of unknown program {prog!r}")
+    return owner
+
+
+def _observe_set(plan: SetPlan, env: dict[str, Any], loader: str,
+                 make: Callable[[int], _AnySession]) -> dict[str, Any]:
+    facts = [_facts(path) for path in plan.objects]
+    owner = _set_owners(plan, facts)
+    # closed last in, first out: the links (pushed after every object), then the objects in reverse order
+    with contextlib.ExitStack() as stack:
+        sessions, results = _load_set(plan, env, loader, make, facts, owner, stack)
+        _attach_set(plan, sessions, stack)
+        live = [s for s in sessions if s is not None]
+        for s in live:
+            s.snapshot("before")
+        for prog, cpu, count in plan.runs:
+            session = sessions[owner[prog]]
+            if session is not None and session.opened:  # an object never opened has no runs
+                session.result["runs"].append(session.run((prog, cpu, count)))
+        for s in live:
+            s.snapshot("after")
+    return new_set_result("kernel", env, results)
+
+
+def _load_set(plan: SetPlan, env: dict[str, Any], loader: str, make: Callable[[int], _AnySession],
+              facts: Sequence[ObjectFacts], owner: Mapping[str, int], stack: contextlib.ExitStack,
+              ) -> tuple[list[_AnySession | None], list[Result]]:
+    """Rule 1: every object in order, each closed by `stack`; after one fails, the rest are never opened."""
+    sessions: list[_AnySession | None] = []
+    results: list[Result] = []
+    failed: str | None = None
+    for k, path in enumerate(plan.objects):
+        if failed is not None:
+            results.append(not_opened(_base_result(path, facts[k], env, loader), failed, _program_names(facts[k])))
+            sessions.append(None)
+            continue
+        session = make(k)
+        stack.callback(session.close)
+        sessions.append(session)
+        results.append(session.result)
+        if not _set_load(plan, k, session, sessions, owner):
+            failed = objload.object_name(path)
+    return sessions, results
+
+
+def _attach_set(plan: SetPlan, sessions: Sequence[_AnySession | None], stack: contextlib.ExitStack) -> None:
+    """Rule 4: once every object is loaded, each extension of each loaded object is linked to its target."""
+    for k, session in enumerate(sessions):
+        if session is None or not session.loaded:
+            continue
+        for ext, _, _ in plan.attach_of(k):
+            link = session.attach(ext)
+            if link is not None:
+                stack.callback(link.close)
+
+
+def _set_load(plan: SetPlan, k: int, session: _AnySession, sessions: Sequence[_AnySession | None],
+              owner: Mapping[str, int]) -> bool:
+    """Rules 1-3 for object k: open, reuse each map from its source, set each extension's target, load."""
+    ok = session.open() and _set_reuse(plan, k, session, sessions)
+    if ok:
+        for ext, prog, func in plan.attach_of(k):
+            j = owner[prog]
+            session.set_attach_target(ext, sessions[j] if j < k else None, prog, func)  # type: ignore[arg-type]
+        ok = session.load()
+    session.mark_extensions()
+    return ok
+
+
+def _set_reuse(plan: SetPlan, k: int, session: _AnySession, sessions: Sequence[_AnySession | None]) -> bool:
+    for key, src in plan.reuses_of(k):
+        session.require_map(key)
+        source = sessions[src]
+        fd = source.map_fd(key) if source is not None else None
+        problem = "cannot reuse a map that was not created" if fd is None else session.reuse(key, fd)
+        if problem is not None:
+            session.fail_reuse(f"map '{key}': {problem}")
+            return False
+    return True

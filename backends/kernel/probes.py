@@ -15,6 +15,8 @@ from typing import Any
 from backends.kernel import bpf
 from schema.cpulist import format_cpulist, parse_cpulist  # noqa: F401  (re-exported)
 from toolchain import insn as I
+from toolchain.btf import INT_SIGNED, LINKAGE_GLOBAL, Btf, BtfType, Param
+from toolchain.btf import encode as btf_encode
 
 _CPU_SYSFS = "/sys/devices/system/cpu"
 _JIT_SYSCTL = "/proc/sys/net/core/bpf_jit_enable"
@@ -137,6 +139,50 @@ def probe_percpu_insn_jit() -> bool | None:
     if any(i.is_percpu_mov for i in xlated):
         return True
     return None
+
+
+# BTF for the freplace probe: int f(void); int probe_main(void *ctx) calls it; int probe_ext(void) replaces it.
+_FREPLACE_BTF = Btf([
+    BtfType("void"),
+    BtfType("int", "int", size=4, encoding=INT_SIGNED, bits=32),  # [1]
+    BtfType("func_proto", type_id=1),  # [2] int (void)
+    BtfType("func", "f", type_id=2, linkage=LINKAGE_GLOBAL),  # [3]
+    BtfType("ptr", type_id=0),  # [4] void *
+    BtfType("func_proto", type_id=1, params=(Param("ctx", 4),)),  # [5] int (void *)
+    BtfType("func", "probe_main", type_id=5, linkage=LINKAGE_GLOBAL),  # [6]
+    BtfType("func", "probe_ext", type_id=2, linkage=LINKAGE_GLOBAL),  # [7]
+])
+_FREPLACE_TARGET_FUNC = 3
+
+
+def probe_freplace() -> tuple[bool, str]:
+    """Can an extension program replace a global subprogram of a program this process loaded? Loads a raw_tp
+    program returning its subprogram's 1, an extension returning 0 (it inherits the raw_tp return range, which
+    is 0 only), links it (BPF_LINK_CREATE to that program only, never a live hook) and runs the target. On False,
+    a one-line reason: some kernels refuse every BPF_PROG_TYPE_EXT load with EPERM before verification (observed
+    on 6.18.44-fc, with fentry, fexit, fmod_ret and LSM programs alike)."""
+    target = I.encode([I.call_rel(1), I.exit_insn(), I.mov64_imm(0, 1), I.exit_insn()])
+    ext = I.encode([I.mov64_imm(0, 0), I.exit_insn()])
+    step = "BPF_BTF_LOAD"
+    try:
+        with bpf.btf_load(btf_encode(_FREPLACE_BTF)) as btf:
+            step = "BPF_PROG_LOAD of the target"
+            tfd, _ = bpf.prog_load(bpf.RAW_TRACEPOINT, target, name="probe_main", prog_btf_fd=btf,
+                                   func_info=[(0, 6), (2, _FREPLACE_TARGET_FUNC)])
+            with tfd:
+                step = "BPF_PROG_LOAD of an extension program"
+                efd, _ = bpf.prog_load(bpf.EXT, ext, name="probe_ext", prog_btf_fd=btf, func_info=[(0, 7)],
+                                       attach_prog_fd=tfd, attach_btf_id=_FREPLACE_TARGET_FUNC)
+                with efd:
+                    step = "BPF_LINK_CREATE"
+                    with bpf.link_create(efd, tfd, bpf.BPF_TRACE_FREPLACE, _FREPLACE_TARGET_FUNC):
+                        step = "BPF_PROG_TEST_RUN"
+                        retval = bpf.prog_test_run(tfd).retval
+    except bpf.BpfError as e:
+        return False, f"{step}: {e.strerror} ({e.errno_name}){': ' + e.reason if e.reason else ''}"
+    if retval != 0:
+        return False, f"the linked target returned {retval}, not the extension's 0"
+    return True, ""
 
 
 def _try(probe: Callable[[], bool | None]) -> bool | None:
