@@ -19,6 +19,7 @@ from oracle.profiles import (
     BPF_F_RDONLY_PROG,
     E2BIG,
     EINVAL,
+    EPERM,
     LIBBPF_ERRNO__RELOC,
     PERCPU_VALUE_LIMIT,
     LibbpfAxis,
@@ -245,12 +246,18 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
             verdicts[f.name] = ("not_loaded", None, None, None)
             continue
         touched = _sections_referenced(facts, f.name, model) & percpu_sections
-        if touched and not (touched & uncreated) and not kernel.percpu_direct_value:
+        if f.replaces is not None and not kernel.ext_programs:
+            # refused at BPF_PROG_LOAD before the verifier sees an instruction, with an empty log [measured]
+            verdicts[f.name] = ("rejected", EPERM, "prog_type_refused", "")
+            failed = True
+        elif touched and not (touched & uncreated) and not kernel.percpu_direct_value:
             # resolve_pseudo_ldimm64 runs before the attach target is checked
             verdicts[f.name] = ("rejected", EINVAL, "no_direct_value_access", kernel.no_direct_value_message)
             failed = True
         elif f.name in static_targets:
-            verdicts[f.name] = ("rejected", EINVAL, "freplace_static_target", "Cannot replace static functions")
+            # btf_check_func_type_match names the function [measured on a 6.1 guest]
+            verdicts[f.name] = ("rejected", EINVAL, "freplace_static_target",
+                                f"{f.replaces.function}() is not a global function" if f.replaces else "")
             failed = True
         elif touched and (touched & uncreated):
             # merged libbpf on a kernel without the feature: autocreate cleared, the ld_imm64 poisoned; libbpf

@@ -7,13 +7,13 @@ is a (libbpf, kernel) pair. Confidence marks follow the spec: [V] primary source
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BPF_F_MMAPABLE = 0x400
 BPF_F_RDONLY_PROG = 0x80
 PERCPU_VALUE_LIMIT = 32 * 1024  # pcpu allocator unit: round_up(value_size, 8) above this is E2BIG [V]
 LIBBPF_ERRNO__RELOC = 4005
-EINVAL, E2BIG, EOPNOTSUPP, EACCES = 22, 7, 95, 13
+EPERM, EINVAL, E2BIG, EOPNOTSUPP, EACCES = 1, 22, 7, 95, 13
 ENOTSUPP = 524  # kernel-internal "not supported": array_map_direct_value_addr leaks it to user space [measured]
 
 
@@ -59,6 +59,9 @@ class KernelAxis:
     # const-string argument pointing into a per-CPU map: merged rejects it before the read-only check [V]
     const_str_percpu_first: bool = True
     const_str_percpu_message: str = "R{reg} points to percpu_array map which cannot be used as const string"
+    # BPF_PROG_TYPE_EXT loads: some kernels refuse every one with EPERM and an empty log, before verification
+    # [measured: 6.18.44-fc refuses EXT, fentry/fexit and LSM programs alike; a 6.1 guest loads them]
+    ext_programs: bool = True
 
 
 LIBBPF = {
@@ -102,12 +105,25 @@ PROFILES = {
 }
 
 
+# Kernel facts orthogonal to the feature, probed and appended to a profile's name: "unpatched+noext".
+KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
+    "noext": {"ext_programs": False},
+}
+
+
 class UnknownProfile(ValueError):
     pass
 
 
 def profile(name: str) -> Profile:
+    base, *modifiers = name.split("+")
     try:
-        return PROFILES[name]
+        found = PROFILES[base]
+        changes = {k: v for m in modifiers for k, v in KERNEL_MODIFIERS[m].items()}
     except KeyError:
-        raise UnknownProfile(f"unknown profile {name!r} (known: {', '.join(PROFILES)})") from None
+        raise UnknownProfile(f"unknown profile {name!r} (known: {', '.join(PROFILES)}, each optionally with "
+                             f"{', '.join('+' + m for m in KERNEL_MODIFIERS)})") from None
+    if not changes:
+        return found
+    return Profile(name, found.libbpf, replace(found.kernel, name=f"{found.kernel.name}+{'+'.join(modifiers)}",
+                                               **changes))

@@ -23,6 +23,7 @@ CLASSES: dict[str, str] = {
     "const_str_percpu": "a per-CPU map value used as a const string / format",
     "const_str_not_rdonly": "a const string in a map that is not read-only and frozen",
     "freplace_static_target": "an extension program whose target function is not global (EINVAL)",
+    "prog_type_refused": "the kernel refuses the program type itself, before verification (EPERM, empty log)",
     "e2big": "map creation refused: round_up(value_size, 8) above the per-CPU allocator's 32 KiB",
     "sim_unsupported": "outside what the simulator models (never a guess)",
     "runtime_fault": "the simulator's interpreter faulted at run time",
@@ -58,4 +59,6 @@ def classify(lines: Iterable[str], err: int | None = None) -> str:
         for pattern, want, cls in PATTERNS:
             if (want is None or want == err) and pattern.search(line):
                 return cls
-    return "other" if lines else "other"
+    if err == errno.EPERM:  # as root, only a refused program type answers EPERM to BPF_PROG_LOAD
+        return "prog_type_refused"
+    return "other"

@@ -76,6 +76,7 @@ class KernelBackend:
     clang: object
     name: str = ""
     profile: str = ""
+    modifiers: str = ""  # probed kernel facts as profile suffixes ("+noext")
     possible_cpus: int = 0
     online_cpus: tuple[int, ...] = ()
     env: dict = field(default_factory=dict)
@@ -92,6 +93,9 @@ class KernelBackend:
         self.online_cpus = tuple(facts["online_cpus"])
         knows = True if self.loader == "raw" else self._libbpf_knows_percpu()
         self.profile = KERNEL_PROFILES[(self.loader, knows, bool(facts["features"]["percpu_data"]))]
+        # extension programs refused (EPERM) is a probed kernel fact the oracle predicts with, not a skip
+        self.modifiers = "+noext" if facts["features"].get("freplace") is False else ""
+        self.profile += self.modifiers
 
     @functools.cached_property
     def libbpf(self):  # noqa: ANN201 - backends.kernel.libbpf.Libbpf, imported lazily

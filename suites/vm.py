@@ -25,7 +25,8 @@ from corpus.sets import SET_CORPUS
 from generators.render import lowered_value_size, section_ident
 from oracle.objectset import predict_set
 from oracle.predict import predict
-from oracle.profiles import PROFILES
+from oracle.profiles import PROFILES, UnknownProfile
+from oracle.profiles import profile as profile_named
 from schema.result import compare, compare_set
 from suites.gate import sample_models
 from suites.sets import (
@@ -135,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {case} {kind}: the guest could not observe it: {observed['error']['message']}")
             continue
         profile = "merged" if kind == "lowered" else observed["env"]["profile"]
-        if profile not in PROFILES:
+        try:
+            prof = profile_named(profile)
+        except UnknownProfile:
             print(f"  {case} {kind}: the guest reports profile {profile!r}, which the oracle does not know")
             failed += 1
             continue
-        expected = predict(compiled.model, compiled.facts, PROFILES[profile],
+        expected = predict(compiled.model, compiled.facts, prof,
                            possible_cpus=observed["env"]["possible_cpus"], online_cpus=observed["env"]["online_cpus"])
         if kind == "lowered":
             cmp = compare(expected, lowered_as_global(observed, expected, compiled.model), layers=("runtime",))
@@ -170,11 +173,14 @@ def _check_set(case: str, kind: str, compiled: CompiledSet, observed: dict, outc
         print(f"  {case} {kind}: the guest could not observe it: {observed['error']['message']}")
         return 1
     env = observed["env"]
-    profile = "merged" if kind == "set-lowered" else env["profile"]
-    if profile not in PROFILES:
+    modifiers = "+noext" if env["features"].get("freplace") is False else ""
+    profile = "merged" + modifiers if kind == "set-lowered" else env["profile"]
+    try:
+        prof = profile_named(profile)
+    except UnknownProfile:
         print(f"  {case} {kind}: the guest reports profile {profile!r}, which the oracle does not know")
         return 1
-    expected = predict_set(compiled.model, [c.facts for c in compiled.objects], PROFILES[profile],
+    expected = predict_set(compiled.model, [c.facts for c in compiled.objects], prof,
                            possible_cpus=env["possible_cpus"], online_cpus=env["online_cpus"])
     if kind == "set-lowered":
         cmp = compare_set(expected, set_as_global(observed, expected, compiled), layers=("runtime",))

@@ -137,12 +137,17 @@ def libbpf_axis(libbpf: Libbpf) -> str:
     return "merged" if libbpf.version_tuple()[:2] >= LIBBPF_PERCPU_VERSION else "old"
 
 
+def kernel_modifiers(features: Mapping[str, bool | None]) -> str:
+    """Probed kernel facts beside the feature, as profile suffixes: `+noext` when extension programs are refused."""
+    return "+noext" if features.get("freplace") is False else ""
+
+
 def libbpf_profile_name(libbpf: Libbpf, features: Mapping[str, bool | None]) -> str:
-    return _LIBBPF_PROFILES[libbpf_axis(libbpf), kernel_profile_name(features)]
+    return _LIBBPF_PROFILES[libbpf_axis(libbpf), kernel_profile_name(features)] + kernel_modifiers(features)
 
 
 def raw_profile_name(features: Mapping[str, bool | None]) -> str:
-    return f"raw-{kernel_profile_name(features)}"
+    return f"raw-{kernel_profile_name(features)}{kernel_modifiers(features)}"
 
 
 def environment(libbpf: Libbpf | None, profile: str) -> dict[str, Any]:

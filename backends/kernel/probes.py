@@ -195,12 +195,14 @@ def _try(probe: Callable[[], bool | None]) -> bool | None:
 def probe_all() -> dict[str, Any]:
     """Everything above in one JSON-friendly dict; features that could not be probed are None."""
     usable, reason = bpf_usable()
-    features: dict[str, bool | None] = {"percpu_data": None, "bpf_f_cpu": None, "percpu_insn_jit": None}
+    features: dict[str, bool | None] = {"percpu_data": None, "bpf_f_cpu": None, "percpu_insn_jit": None,
+                                        "freplace": None}
     if usable:
         features = {
             "percpu_data": _try(probe_percpu_data),
             "bpf_f_cpu": _try(probe_bpf_f_cpu),
             "percpu_insn_jit": _try(probe_percpu_insn_jit),
+            "freplace": _try(lambda: probe_freplace()[0]),
         }
     return {
         "kernel_release": kernel_release(),

@@ -71,6 +71,11 @@ SIM_PROFILES: dict[str, tuple[str, str]] = {
     "merged-nofreplace": ("merged", "broken-nofreplace"),
 }
 
+# kernel facts orthogonal to the feature, appended to a profile name as "+<modifier>" (a probed machine fact)
+KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
+    "noext": {"ext_programs": False},  # BPF_PROG_TYPE_EXT refused at load (EPERM)
+}
+
 # libbpf's program type from the section name; the simulator runs raw tracepoints, and extensions of them
 _PROG_TYPE_PREFIXES = {"raw_tp": "raw_tp", "raw_tracepoint": "raw_tp", "raw_tp.w": "raw_tp",
                        "raw_tracepoint.w": "raw_tp", "freplace": "ext"}
@@ -319,11 +324,15 @@ class _Sim:
     """One simulated kernel and the loader that loads into it, per a row of SIM_PROFILES."""
 
     def __init__(self, profile: str, possible_cpus: int, online_cpus: list[int] | None) -> None:
-        if profile not in SIM_PROFILES:
-            raise ValueError(f"unknown profile {profile!r} (known: {', '.join(SIM_PROFILES)})")
-        loader_name, kernel_name = SIM_PROFILES[profile]
+        base, *modifiers = profile.split("+")
+        if base not in SIM_PROFILES or any(m not in KERNEL_MODIFIERS for m in modifiers):
+            raise ValueError(f"unknown profile {profile!r} (known: {', '.join(SIM_PROFILES)}, each optionally with "
+                             f"{', '.join('+' + m for m in KERNEL_MODIFIERS)})")
+        loader_name, kernel_name = SIM_PROFILES[base]
         self.loader: LoaderProfile = LOADER_PROFILES[loader_name]
         kprofile: KernelProfile = KERNEL_PROFILES[kernel_name]
+        for m in modifiers:
+            kprofile = dataclasses.replace(kprofile, name=f"{kprofile.name}+{m}", **KERNEL_MODIFIERS[m])
         self.kernel = SimKernel(kprofile, possible_cpus=possible_cpus, online=online_cpus)
         self.env = new_env(profile, possible_cpus=possible_cpus, online_cpus=list(self.kernel.online),
                            features=kprofile.features, loader_profile=self.loader.name,
