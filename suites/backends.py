@@ -45,6 +45,12 @@ class SimBackend:
     # (e.g. "merged-norewrite") to see the suite catch it and replay it
     sim_profile: str | None = None
 
+    @property
+    def modifiers(self) -> str:
+        """The kernel facts beside the feature this simulated kernel has, as profile suffixes ("+noext")."""
+        base, plus, rest = self.profile.partition("+")
+        return plus + rest
+
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         from backends.sim.observe import observe
 
