@@ -339,8 +339,11 @@ def test_agent_plumbing_on_this_host(tmp_path, fake_env, smoke_object):
         {"object": smoke_object, "loader": "raw", "runs": [["touch", 0, 1]],
          "initial_values": {"vm_test.data": "2a000000"}},
         {"object": str(bad), "loader": "libbpf", "runs": []},
+        # an object set: the same object twice, the second reusing the first's .data map
+        {"objects": [smoke_object, smoke_object], "loader": "raw", "reuse": [[1, ".data", 0]], "attach": [],
+         "runs": [["touch", 0, 1]], "initial_values": [{}, {}]},
     ]
-    libbpf_doc, raw_doc, bad_doc = session.run_batch(requests)
+    libbpf_doc, raw_doc, bad_doc, set_doc = session.run_batch(requests)
     for doc in (libbpf_doc, raw_doc):
         assert doc["source"] == "vm" and doc["object"]["path"] == smoke_object
         assert doc["env"]["vm_accel"] == "tcg" and doc["env"]["vm_seconds"] > 0
@@ -351,8 +354,11 @@ def test_agent_plumbing_on_this_host(tmp_path, fake_env, smoke_object):
     data = next(m for m in raw_doc["maps"] if m["name"] == "vm_test.data")
     assert data["before"] == ["2a000000"] and data["after"] == ["2b000000"]
     assert bad_doc["error"]["type"] and bad_doc["object"]["path"] == str(bad)
+    assert [o["object"]["path"] for o in set_doc["objects"]] == [smoke_object, smoke_object]
+    assert all(o["source"] == "vm" for o in set_doc["objects"])
+    assert set_doc["objects"][0]["maps"][0]["after"] == set_doc["objects"][1]["maps"][0]["after"]
     assert session.guest["probe"]["bpf_usable"] is True
-    assert re.search(r"percpu-vm: \[ *[0-9.]+s\] 3/3 bad.o \[libbpf\] error", session.last_console)
+    assert re.search(r"percpu-vm: \[ *[0-9.]+s\] 3/4 bad.o \[libbpf\] error", session.last_console)
 
 
 def test_agent_reports_a_fatal_failure(tmp_path):

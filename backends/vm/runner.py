@@ -317,12 +317,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _request_objects(req: Mapping[str, Any]) -> list[Any]:
+    """The object files of a request: one, or an object set's several (docs/object-sets.md)."""
+    return list(req["objects"]) if "objects" in req else [req.get("object")]
+
+
 def _check_request(i: int, req: Mapping[str, Any]) -> None:
-    obj = req.get("object")
-    if not isinstance(obj, str | os.PathLike) or not os.path.isabs(obj):
-        raise ValueError(f"request {i}: object must be an absolute path, not {obj!r}")
-    if not os.path.isfile(obj):
-        raise ValueError(f"request {i}: no object at {obj}")
+    for obj in _request_objects(req):
+        if not isinstance(obj, str | os.PathLike) or not os.path.isabs(obj):
+            raise ValueError(f"request {i}: object must be an absolute path, not {obj!r}")
+        if not os.path.isfile(obj):
+            raise ValueError(f"request {i}: no object at {obj}")
     if req.get("loader", "libbpf") not in ("libbpf", "raw"):
         raise ValueError(f"request {i}: loader {req.get('loader')!r} (want libbpf or raw)")
     for run in req.get("runs", ()):
@@ -332,11 +337,13 @@ def _check_request(i: int, req: Mapping[str, Any]) -> None:
     lib = req.get("libbpf")
     if lib is not None and (not os.path.isabs(lib) or not os.path.isfile(lib)):
         raise ValueError(f"request {i}: libbpf must be the absolute path of a file, not {lib!r}")
-    for name, value in (req.get("initial_values") or {}).items():
-        try:
-            bytes.fromhex(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"request {i}: initial value of {name!r} is not hex") from None
+    values = req.get("initial_values") or {}
+    for per_object in (values if "objects" in req else [values]):
+        for name, value in per_object.items():
+            try:
+                bytes.fromhex(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"request {i}: initial value of {name!r} is not hex") from None
 
 
 class VmSession:
@@ -455,14 +462,22 @@ class VmSession:
         objects = scratch / "objects"
         guest_requests = []
         for i, req in enumerate(requests):
-            src = Path(req["object"])
-            dst = objects / str(i) / src.name  # keep the name: libbpf derives the object (and map) names from it
-            dst.parent.mkdir(parents=True)
-            shutil.copyfile(src, dst)
-            guest_requests.append({"object": str(dst), "loader": req.get("loader", "libbpf"),
-                                   "runs": [list(r) for r in req.get("runs", ())],
-                                   "initial_values": dict(req.get("initial_values") or {}),
-                                   "libbpf": req.get("libbpf")})
+            copies = []
+            for k, obj in enumerate(_request_objects(req)):
+                src = Path(obj)
+                dst = objects / str(i) / str(k) / src.name  # keep the name: libbpf derives map names from it
+                dst.parent.mkdir(parents=True)
+                shutil.copyfile(src, dst)
+                copies.append(str(dst))
+            guest = {"loader": req.get("loader", "libbpf"), "runs": [list(r) for r in req.get("runs", ())],
+                     "libbpf": req.get("libbpf")}
+            if "objects" in req:
+                guest.update(objects=copies, reuse=[list(r) for r in req.get("reuse", ())],
+                             attach=[list(a) for a in req.get("attach", ())],
+                             initial_values=[dict(v) for v in req.get("initial_values") or ()])
+            else:
+                guest.update(object=copies[0], initial_values=dict(req.get("initial_values") or {}))
+            guest_requests.append(guest)
         (scratch / "requests.json").write_text(json.dumps({"requests": guest_requests,
                                                             "workers": self.config.workers}))
         console = scratch / "console.log"
@@ -496,12 +511,16 @@ class VmSession:
                     "vm_kernel_warnings": self.kernel_warnings[:MAX_WARNINGS]}
         out = []
         for req, res in zip(requests, results, strict=True):
-            host_path = os.fspath(req["object"])
+            host_paths = [os.fspath(p) for p in _request_objects(req)]
+            host_path = host_paths[0]
             if "observation" in res:
                 doc = res["observation"]
                 doc["source"] = "vm"
                 doc["env"].update(vm_facts)
-                doc["object"]["path"] = host_path
+                for part, path in zip(doc.get("objects", [doc]), host_paths, strict=True):
+                    part["source"] = "vm"
+                    if part.get("object"):
+                        part["object"]["path"] = path
             else:
                 doc = {"source": "vm", "object": {"path": host_path},
                        "env": {"kernel_release": guest.get("kernel_release"), **vm_facts},
