@@ -196,7 +196,7 @@ def test_a_static_target_is_refused_and_later_objects_are_not_opened(build):
     a, b, c = set_doc(objs, attach=ATTACH, runs=[("a_prog", 0, 1), ("c_prog", 0, 1)])
     ext = program(b, "b_ext")
     assert (ext["verdict"], ext["errno"], ext["message_class"]) == ("rejected", 22, "freplace_static_target")
-    assert ext["message"] == "Cannot replace static functions" and ext["attached"] is False
+    assert ext["message"] == "a_sub() is not a global function" and ext["attached"] is False
     assert not percpu_map(b)["created"]  # the failed load tears b down
     assert c["open"]["error_class"] == NOT_OPENED and c["runs"] == []
     assert [p["verdict"] for p in c["programs"]] == ["not_loaded"]
