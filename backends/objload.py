@@ -212,6 +212,15 @@ def internal_map_name(obj_name: str, section: str) -> str:
     return sanitize_map_name((obj_name[:pfx_len] + section[:sfx_len])[:BPF_OBJ_NAME_LEN - 1])
 
 
+def reused_map_name(own: str, source_kernel_name: str) -> str:
+    """bpf_map__name after bpf_map__reuse_fd (docs/object-sets.md rule 2): the kernel's name for the map, unless
+    that is a full-length (15-character) prefix of the map's own name, which then stays [V: libbpf "Fix the name
+    of a reused map", in 1.1.2 as in later releases]."""
+    if len(source_kernel_name) == BPF_OBJ_NAME_LEN - 1 and own.startswith(source_kernel_name):
+        return own
+    return source_kernel_name
+
+
 def round_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 

@@ -135,8 +135,8 @@ class KernelBackend:
         return observe.observe_libbpf(compiled.path, libbpf=self.libbpf, runs=runs, initial_values=initial_values)
 
     def observe_set(self, plan: SetPlan) -> dict:
-        from backends.kernel import observe
+        from backends.kernel import objectset
 
         if self.loader == "raw":
-            return observe.observe_set_raw(plan)
-        return observe.observe_set_libbpf(plan, libbpf=self.libbpf)
+            return objectset.observe_set_raw(plan)
+        return objectset.observe_set_libbpf(plan, libbpf=self.libbpf)

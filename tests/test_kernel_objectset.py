@@ -21,17 +21,16 @@ from pathlib import Path
 import pytest
 
 from backends.kernel import probes
+from backends.kernel.objectset import observe_set_libbpf, observe_set_raw
 from backends.kernel.observe import (
     BackendUnavailable,
     LibbpfSession,
     RawSession,
     kernel_features,
-    observe_set_libbpf,
-    observe_set_raw,
     open_libbpf,
     require_bpf,
-    reused_map_name,
 )
+from backends.objload import reused_map_name
 from generators.ctype import Scalar
 from generators.model import Access, Add, Call, Function, ProgramModel, Replace, StoreCpu, Variable
 from generators.render import render_global, render_lowered

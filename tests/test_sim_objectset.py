@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.objload import FuncSpec
+from backends.objload import FuncSpec, reused_map_name
 from backends.sim.__main__ import main as cli_main
 from backends.sim.interp import link_program
 from backends.sim.kernel import SimError, SimKernel
-from backends.sim.observe import observe, observe_set, reused_map_name
+from backends.sim.observe import observe, observe_set
 from generators.ctype import Scalar
 from generators.model import Access, Add, Call, Function, ProgramModel, Replace, Store, Variable
 from generators.render import render_global

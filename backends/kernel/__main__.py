@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def cmd_run_set(args: argparse.Namespace) -> dict:
-    from backends.kernel.observe import observe_set_libbpf, observe_set_raw
+    from backends.kernel.objectset import observe_set_libbpf, observe_set_raw
     from toolchain.elf import ObjectError, read_object
 
     objects, clang_version = [], None

@@ -409,23 +409,15 @@ class Libbpf:
         with _capture(records):
             ctypes.set_errno(0)
             raw = self._fn["bpf_object__open_file"](os.fsencode(obj_path), None)
-            ok = bool(raw) and raw <= _PTR_MASK - _MAX_ERRNO
-            err = 0
-            if not ok:
-                # 1.x returns NULL and sets errno; older builds return an ERR_PTR. libbpf_get_error
-                # understands both, and the ERR_PTR decoding covers builds without it.
-                if "libbpf_get_error" in self._fn:
-                    err = -int(self._fn["libbpf_get_error"](raw))
-                elif raw:
-                    err = _PTR_MASK + 1 - raw
-                else:
-                    err = ctypes.get_errno()
-        if not ok:
-            raise LibbpfError("open", err or _errno.EINVAL, records)
+            err = self._pointer_error(raw)
+        if err:
+            raise LibbpfError("open", err, records)
         return LibbpfObject(self, raw, obj_path, records)
 
     def _pointer_error(self, raw: int | None) -> int:
-        """The positive errno behind a pointer-returning call's failure, or 0 when `raw` is a valid pointer."""
+        """The positive errno behind a pointer-returning call's failure, or 0 when `raw` is a valid pointer.
+        1.x returns NULL and sets errno; older builds return an ERR_PTR. libbpf_get_error understands both, and
+        the ERR_PTR decoding covers builds without it."""
         if raw and raw <= _PTR_MASK - _MAX_ERRNO:
             return 0
         if "libbpf_get_error" in self._fn:

@@ -6,8 +6,8 @@ Two loaders feed the same result document (`shared/spec/result-schema.md`):
     kernel through `bpf()` alone, so kernel behaviour is observed independently of any libbpf.
 
 Both follow libbpf's object semantics: the first program the kernel rejects fails the object, later programs
-are never offered and no run happens. `observe_set_libbpf` / `observe_set_raw` load several objects into one
-kernel (docs/object-sets.md): map reuse, and extension programs linked to the set's own target programs.
+are never offered and no run happens. Each object goes through phases (`LibbpfSession`, `RawSession`) that
+`backends.kernel.objectset` also orders across several objects (docs/object-sets.md).
 Programs only ever run through BPF_PROG_TEST_RUN and nothing is attached to a live hook; every descriptor
 opened here is closed on every path.
 """
@@ -21,7 +21,7 @@ import functools
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,15 +29,12 @@ from backends import objload
 from backends.kernel import bpf, probes
 from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LibbpfObject, LogRecord, MapView, ProgView
 from schema import messages
-from schema.objectset import SetPlan
 from schema.result import (
     REUSE_FAILED,
     Result,
     map_entry,
     new_env,
     new_result,
-    new_set_result,
-    not_opened,
     program_entry,
 )
 from toolchain import insn as I
@@ -48,7 +45,7 @@ from toolchain.elf import ObjectFacts, read_object
 __all__ = [
     "BackendUnavailable", "Run", "environment", "kernel_features", "kernel_profile_name", "libbpf_profile_name",
     "raw_profile_name", "classify_message", "observe", "observe_libbpf", "observe_raw", "open_libbpf", "require_bpf",
-    "observe_set_libbpf", "observe_set_raw", "LibbpfSession", "RawSession", "reused_map_name",
+    "LibbpfSession", "RawSession", "object_facts", "base_result", "program_names",
 ]
 
 Run = tuple[str, int, int]  # (program, cpu, count)
@@ -233,7 +230,7 @@ def _variables(facts: ObjectFacts, sections: Iterable[str]) -> list[dict[str, An
     return out
 
 
-def _program_names(facts: ObjectFacts) -> list[str]:
+def program_names(facts: ObjectFacts) -> list[str]:
     return [f.name for f in facts.functions if f.is_program]
 
 
@@ -247,7 +244,7 @@ def _read_cached(path: str, _stamp: tuple[int, int, int]) -> ObjectFacts:
     return read_object(path)
 
 
-def _facts(obj_path: str | os.PathLike[str]) -> ObjectFacts:
+def object_facts(obj_path: str | os.PathLike[str]) -> ObjectFacts:
     """The object's facts; parsing dominates an observation, so a file unchanged since its last read (same inode,
     size and mtime) is parsed once."""
     path = os.path.realpath(obj_path)
@@ -258,7 +255,7 @@ def _facts(obj_path: str | os.PathLike[str]) -> ObjectFacts:
     return _read_cached(path, (st.st_ino, st.st_size, st.st_mtime_ns))
 
 
-def _base_result(obj_path: str | os.PathLike[str], facts: ObjectFacts, env: dict[str, Any], loader: str) -> Result:
+def base_result(obj_path: str | os.PathLike[str], facts: ObjectFacts, env: dict[str, Any], loader: str) -> Result:
     result = new_result("kernel", env, {"path": os.fspath(obj_path), "sha256": facts.sha256})
     result["loader"] = loader
     result["load"] = {"ok": False, "errno": None, "message": None}
@@ -268,7 +265,7 @@ def _base_result(obj_path: str | os.PathLike[str], facts: ObjectFacts, env: dict
 def _fail_open(result: Result, facts: ObjectFacts, error_class: str, message: str | None,
                err: int | None) -> Result:
     result["open"] = {"ok": False, "error_class": error_class, "message": message}
-    result["programs"] = [program_entry(name, "not_loaded", errno=err) for name in _program_names(facts)]
+    result["programs"] = [program_entry(name, "not_loaded", errno=err) for name in program_names(facts)]
     # nothing to run against: like a prediction, an object that never opened has no runs
     result["runs"] = []
     return result
@@ -281,14 +278,6 @@ def _freplace_target(section: str) -> str | None:
     """The function an extension program replaces, from its section `freplace/<func>` (libbpf's SEC name)."""
     base, _, func = section.lstrip("?").partition("/")
     return func if base == "freplace" and func else None
-
-
-def reused_map_name(own: str, source_kernel_name: str) -> str:
-    """bpf_map__name of a map after bpf_map__reuse_fd (docs/object-sets.md rule 2): the source's kernel name,
-    unless that is a full-length (15-character) prefix of the map's own name, which then stays."""
-    if len(source_kernel_name) == bpf.BPF_OBJ_NAME_LEN - 1 and own.startswith(source_kernel_name):
-        return own
-    return source_kernel_name
 
 
 class _Closeable(Protocol):
@@ -305,8 +294,8 @@ class _Session:
     def __init__(self, obj_path: str | os.PathLike[str], env: dict[str, Any],
                  initial_values: Mapping[str, bytes] | None) -> None:
         self.path = obj_path
-        self.facts = _facts(obj_path)
-        self.result = _base_result(obj_path, self.facts, env, self.loader)
+        self.facts = object_facts(obj_path)
+        self.result = base_result(obj_path, self.facts, env, self.loader)
         self.initial_values = dict(initial_values or {})
         self.ncpus = len(probes.possible_cpus())
         self.online = probes.online_cpus()
@@ -699,7 +688,7 @@ class RawSession(_Session):
         self.specs[index] = dataclasses.replace(
             spec, kernel_name=info.name, type=info.type, key_size=info.key_size, value_size=info.value_size,
             max_entries=info.max_entries, flags=info.map_flags, initial=None, freeze=False)
-        self.entries[index].update(name=reused_map_name(spec.name, info.name), kernel_name=info.name,
+        self.entries[index].update(name=objload.reused_map_name(spec.name, info.name), kernel_name=info.name,
                                    type=_type_name(info.type), key_size=info.key_size, value_size=info.value_size,
                                    max_entries=info.max_entries, flags=info.map_flags)
         self.reused[index] = fd
@@ -892,125 +881,3 @@ def observe(obj_path: str | Path, *, loader: str = "libbpf", libbpf: Libbpf | No
 
 
 # -- object sets (docs/object-sets.md) ---------------------------------------------------------------------------
-
-
-_AnySession = LibbpfSession | RawSession
-
-
-def observe_set_raw(plan: SetPlan) -> dict[str, Any]:
-    """An object set through the suite's own loader: one Result per object, in load order (docs/object-sets.md).
-
-    Raises BackendUnavailable, toolchain.elf.ObjectError for a file that is not a BPF object, and ValueError for
-    a plan naming a program or map that is not there."""
-    require_bpf()
-    env = environment(None, raw_profile_name(kernel_features()))
-    return _observe_set(plan, env, "raw", lambda k: RawSession(plan.objects[k], env=env,
-                                                               initial_values=plan.initial_values_of(k)))
-
-
-def observe_set_libbpf(plan: SetPlan, *, libbpf: Libbpf) -> dict[str, Any]:
-    """An object set through a shipped libbpf (bpf_map__reuse_fd, bpf_program__set_attach_target,
-    bpf_program__attach_freplace); raises as observe_set_raw, and BackendUnavailable for a libbpf without them."""
-    require_bpf()
-    try:
-        if plan.reuse:
-            libbpf.require("bpf_map__reuse_fd")
-        if plan.attach:
-            libbpf.require("bpf_program__set_attach_target", "bpf_program__attach_freplace", "bpf_link__destroy")
-    except LibbpfMissing as e:
-        raise BackendUnavailable(str(e)) from None
-    env = environment(libbpf, libbpf_profile_name(libbpf, kernel_features()))
-    return _observe_set(plan, env, "libbpf", lambda k: LibbpfSession(plan.objects[k], libbpf=libbpf, env=env,
-                                                                     initial_values=plan.initial_values_of(k)))
-
-
-def _set_owners(plan: SetPlan, facts: Sequence[ObjectFacts]) -> dict[str, int]:
-    """Program name -> index of the object that holds it; ValueError for a plan naming a program that is not
-    where it says (checked before anything reaches the kernel)."""
-    owner = {name: k for k, f in enumerate(facts) for name in _program_names(f)}
-    for k, ext, prog, _ in plan.attach:
-        if owner.get(ext) != k:
-            raise ValueError(f"attach of {ext!r}: object {k} has no such program")
-        if prog not in owner:
-            raise ValueError(f"attach of {ext!r}: no program {prog!r} in the set")
-    for prog, _, _ in plan.runs:
-        if prog not in owner:
-            raise ValueError(f"run of unknown program {prog!r}")
-    return owner
-
-
-def _observe_set(plan: SetPlan, env: dict[str, Any], loader: str,
-                 make: Callable[[int], _AnySession]) -> dict[str, Any]:
-    facts = [_facts(path) for path in plan.objects]
-    owner = _set_owners(plan, facts)
-    # closed last in, first out: the links (pushed after every object), then the objects in reverse order
-    with contextlib.ExitStack() as stack:
-        sessions, results = _load_set(plan, env, loader, make, facts, owner, stack)
-        _attach_set(plan, sessions, stack)
-        live = [s for s in sessions if s is not None]
-        for s in live:
-            s.snapshot("before")
-        for prog, cpu, count in plan.runs:
-            session = sessions[owner[prog]]
-            if session is not None and session.opened:  # an object never opened has no runs
-                session.result["runs"].append(session.run((prog, cpu, count)))
-        for s in live:
-            s.snapshot("after")
-    return new_set_result("kernel", env, results)
-
-
-def _load_set(plan: SetPlan, env: dict[str, Any], loader: str, make: Callable[[int], _AnySession],
-              facts: Sequence[ObjectFacts], owner: Mapping[str, int], stack: contextlib.ExitStack,
-              ) -> tuple[list[_AnySession | None], list[Result]]:
-    """Rule 1: every object in order, each closed by `stack`; after one fails, the rest are never opened."""
-    sessions: list[_AnySession | None] = []
-    results: list[Result] = []
-    failed: str | None = None
-    for k, path in enumerate(plan.objects):
-        if failed is not None:
-            results.append(not_opened(_base_result(path, facts[k], env, loader), failed, _program_names(facts[k])))
-            sessions.append(None)
-            continue
-        session = make(k)
-        stack.callback(session.close)
-        sessions.append(session)
-        results.append(session.result)
-        if not _set_load(plan, k, session, sessions, owner):
-            failed = objload.object_name(path)
-    return sessions, results
-
-
-def _attach_set(plan: SetPlan, sessions: Sequence[_AnySession | None], stack: contextlib.ExitStack) -> None:
-    """Rule 4: once every object is loaded, each extension of each loaded object is linked to its target."""
-    for k, session in enumerate(sessions):
-        if session is None or not session.loaded:
-            continue
-        for ext, _, _ in plan.attach_of(k):
-            link = session.attach(ext)
-            if link is not None:
-                stack.callback(link.close)
-
-
-def _set_load(plan: SetPlan, k: int, session: _AnySession, sessions: Sequence[_AnySession | None],
-              owner: Mapping[str, int]) -> bool:
-    """Rules 1-3 for object k: open, reuse each map from its source, set each extension's target, load."""
-    ok = session.open() and _set_reuse(plan, k, session, sessions)
-    if ok:
-        for ext, prog, func in plan.attach_of(k):
-            j = owner[prog]
-            session.set_attach_target(ext, sessions[j] if j < k else None, prog, func)  # type: ignore[arg-type]
-        ok = session.load()
-    session.mark_extensions()
-    return ok
-
-
-def _set_reuse(plan: SetPlan, k: int, session: _AnySession, sessions: Sequence[_AnySession | None]) -> bool:
-    for key, src in plan.reuses_of(k):
-        session.require_map(key)
-        source = sessions[src]
-        fd = source.map_fd(key) if source is not None else None
-        problem = "cannot reuse a map that was not created" if fd is None else session.reuse(key, fd)
-        if problem is not None:
-            session.fail_reuse(f"map '{key}': {problem}")
-            return False
-    return True

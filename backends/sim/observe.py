@@ -22,7 +22,6 @@ from backends.objload import (
     BPF_F_ALL_CPUS,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
-    BPF_OBJ_NAME_LEN,
     LOADER_PROFILES,
     LoaderProfile,
     MapSpec,
@@ -33,6 +32,7 @@ from backends.objload import (
     prepare,
     programs_in_load_order,
     resolve,
+    reused_map_name,
 )
 from backends.sim.interp import BpfFault
 from backends.sim.kernel import KERNEL_PROFILES, KernelProfile, SimError, SimKernel
@@ -106,14 +106,6 @@ def _slots(kernel: SimKernel, fd: int, spec: MapSpec) -> list[str] | None:
         return [raw.hex()]
     stride = len(raw) // kernel.possible_cpus
     return [raw[c * stride:c * stride + spec.value_size].hex() for c in range(kernel.possible_cpus)]
-
-
-def reused_map_name(own: str, source_kernel_name: str) -> str:
-    """bpf_map__reuse_fd's name: the kernel's name for the map, unless that is a full-length (15-character)
-    prefix of the map's own name, which then stays (libbpf's "Fix the name of a reused map")."""
-    if len(source_kernel_name) == BPF_OBJ_NAME_LEN - 1 and own.startswith(source_kernel_name):
-        return own
-    return source_kernel_name
 
 
 class _Load:

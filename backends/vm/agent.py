@@ -57,7 +57,8 @@ def _observe(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, A
 
 def _observe_set(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
     """An object set (docs/object-sets.md): several objects, map reuse, extension programs."""
-    from backends.kernel.observe import observe_set_libbpf, observe_set_raw, open_libbpf
+    from backends.kernel.objectset import observe_set_libbpf, observe_set_raw
+    from backends.kernel.observe import open_libbpf
     from schema.objectset import SetPlan
 
     plan = SetPlan(tuple(Path(p) for p in req["objects"]),
