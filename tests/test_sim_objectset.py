@@ -19,7 +19,7 @@ from generators.model import Access, Add, Call, Function, ProgramModel, Replace,
 from generators.render import render_global
 from schema.objectset import SetPlan
 from schema.result import NOT_OPENED, REUSE_FAILED, SET_SCHEMA, validate
-from toolchain.clang import Clang, ToolchainError, compile_c
+from toolchain.clang import compile_c
 from toolchain.insn import BPF_PSEUDO_CALL, call_rel, exit_insn, mov64_imm
 
 U32 = Scalar("u32")
@@ -56,14 +56,6 @@ def obj_data_only() -> ProgramModel:
     """A .percpu section no program touches: merged libbpf on an unpatched kernel skips its map and loads."""
     return ProgramModel("dobj", (*percpu("", 3), Variable("n", U32, ".data")),
                         (Function("d_prog", (Add(Access("n"), 1),)),))
-
-
-@pytest.fixture(scope="module")
-def clang() -> Clang:
-    try:
-        return Clang.find()
-    except ToolchainError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
