@@ -100,3 +100,36 @@ def test_set_property_passes_on_the_faithful_simulator(clang):
     backend = SimBackend("merged", 2, (0, 1))
     for case in SET_CORPUS.values():
         differential_set("sets", backend, clang, case((0, 1)))
+
+
+def _kernel_raw(clang):
+    from suites.backends import KernelBackend, Unavailable
+
+    try:
+        return KernelBackend("raw", None, clang)
+    except Unavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.kernel
+def test_set_lowered_twin_on_the_kernel_catches_an_oracle_that_ignores_reuse(clang, tmp_path, monkeypatch):
+    import oracle.objectset
+    from suites.sets import check_set_lowered_twin
+
+    backend = _kernel_raw(clang)
+    case = SET_CORPUS["reused_map_keeps_first_image"](backend.online_cpus)
+    check_set_lowered_twin(clang, backend, case)  # the faithful oracle agrees with this kernel
+    monkeypatch.setenv("PERCPU_FAILURES", str(tmp_path))
+    monkeypatch.setattr(oracle.objectset, "_apply_reuse", lambda *args: True)  # every object keeps its own map
+    with pytest.raises(AssertionError, match=r"\[runtime\]"):
+        check_set_lowered_twin(clang, backend, case)
+
+
+def test_set_property_catches_an_oracle_that_never_attaches(clang, tmp_path, monkeypatch):
+    import oracle.objectset
+
+    monkeypatch.setenv("PERCPU_FAILURES", str(tmp_path))
+    monkeypatch.setattr(oracle.objectset, "_attach", lambda *args: None)
+    with pytest.raises(AssertionError, match=r"\[runtime\]"):
+        differential_set("sets", SimBackend("merged", 2, (0, 1)), clang,
+                         SET_CORPUS["freplace_shared_variable"]((0, 1)))
