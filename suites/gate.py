@@ -19,10 +19,11 @@ from pathlib import Path
 from hypothesis import Phase, given, settings
 
 from corpus.selftest import selftest_model
+from corpus.sets import SET_CORPUS
 from generators.model import ProgramModel
 from generators.strategies import program_models
 from schema.cpulist import parse_cpulist
-from schema.result import Result, compare
+from schema.result import Result, compare, compare_set
 
 
 class ConfigError(ValueError):
@@ -75,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", required=True)
     parser.add_argument("--candidate", required=True)
     parser.add_argument("--examples", type=int, default=30, help="generated models besides the corpus")
+    parser.add_argument("--set-examples", type=int, default=10,
+                        help="generated object sets (map reuse, freplace) besides their corpus")
     parser.add_argument("--out", type=Path, default=Path("reports/gate"))
     parser.add_argument("--clang")
     args = parser.parse_args(argv)
 
     from suites.backends import Unavailable
+    from suites.sets import compile_set, sample_sets, set_plan
     from suites.support import compile_global, runs_of
     from toolchain.clang import Clang, ToolchainError
 
@@ -107,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         if not cmp.ok:
             differing.append((case, cmp))
             fields.update(_generic(d.field) for d in cmp.divergences)
+    set_cases = [(f"sets:{name}", fn(cpus[:2])) for name, fn in sorted(SET_CORPUS.items())]
+    set_cases += [(f"set-sample:{i}", m) for i, m in enumerate(sample_sets(args.set_examples, cpus))]
+    for case, model in set_cases:
+        plan = set_plan(compile_set(clang, model))
+        docs = [backend.observe_set(plan) for backend in (base, cand)]
+        for label, doc in zip((args.baseline, args.candidate), docs, strict=True):
+            rows += [facts_row(f"{case}/{Path(o['object']['path']).name}", label, o) for o in doc["objects"]]
+        cmp = compare_set(docs[0], docs[1])
+        if not cmp.ok:
+            differing.append((case, cmp))
+            fields.update(_generic(d.field) for d in cmp.divergences)
+    cases += set_cases
     with open(args.out / "facts.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
