@@ -383,3 +383,18 @@ def test_no_fd_leaks(objs, tmp_path):
     for _ in range(100):
         cycle()
     assert _fd_count() == before
+
+
+def test_ctrl_c_inside_the_print_callback_is_not_lost(monkeypatch):
+    # ctypes drops an exception raised in a C callback; the loader keeps a KeyboardInterrupt and raises it again
+    from backends.kernel import libbpf as lb
+
+    monkeypatch.setattr(lb, "_format", lambda fmt, ap: "line\n")  # no va_list outside a real callback
+    class Interrupting(list):
+        def append(self, item):  # noqa: ANN001, ANN201
+            raise KeyboardInterrupt
+
+    returned = []
+    with pytest.raises(KeyboardInterrupt), lb._capture(Interrupting()):
+        returned.append(lb._on_print(0, 1, None))  # back to C normally; raised when libbpf returns
+    assert returned == [0] and lb._interrupted is False

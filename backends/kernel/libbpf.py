@@ -173,8 +173,14 @@ def _format(fmt: int, ap: int) -> str:
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
+# A Ctrl-C that lands inside the print callback: ctypes would report and drop it, so it is kept here and raised
+# again by `_capture` as soon as libbpf returns.
+_interrupted = False
+
+
 def _on_print(level: int, fmt: int | None, ap: int | None) -> int:
     # An exception cannot cross back into C; a lost line is better than a crash.
+    global _interrupted
     try:
         sink = _sink
         if sink is None or not fmt:
@@ -182,6 +188,8 @@ def _on_print(level: int, fmt: int | None, ap: int | None) -> int:
         text = _format(fmt, ap or 0)
         for line in text.rstrip("\n").split("\n"):
             sink.append(LogRecord(level, line.rstrip("\r")))
+    except KeyboardInterrupt:
+        _interrupted = True
     except Exception:
         pass
     return 0
@@ -194,13 +202,16 @@ _PRINT_CB = _PRINT_FN(_on_print)
 @contextlib.contextmanager
 def _capture(records: list[LogRecord]) -> Iterator[None]:
     """Route libbpf's printing to `records` for the duration, one object at a time."""
-    global _sink
+    global _sink, _interrupted
     with _SINK_LOCK:
         previous, _sink = _sink, records
         try:
             yield
         finally:
             _sink = previous
+            if _interrupted:
+                _interrupted = False
+                raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------------------
