@@ -145,6 +145,12 @@ class FuncSpec:
     exported: bool  # BTF_FUNC_GLOBAL linkage: verified on its own, replaceable by an extension
 
 
+def freplace_target(section: str) -> str | None:
+    """The function an extension program replaces, from its section `freplace/<func>` (libbpf's SEC name)."""
+    base, _, func = section.lstrip("?").partition("/")
+    return func if base == "freplace" and func else None
+
+
 @dataclass
 class ProgSpec:
     name: str
@@ -160,8 +166,7 @@ class ProgSpec:
     @property
     def attach_func(self) -> str | None:
         """An extension program's target function, from its section `freplace/<func>`."""
-        base, _, func = self.section.lstrip("?").partition("/")
-        return func if base == "freplace" and func else None
+        return freplace_target(self.section)
 
     def func(self, name: str) -> FuncSpec | None:
         return next((f for f in self.funcs if f.name == name), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from hypothesis import strategies as st
 
@@ -32,6 +33,8 @@ from generators.model import (
     Variable,
 )
 from generators.render import init_leaves
+
+_V = TypeVar("_V")
 
 SCALAR_KINDS = ("u8", "s32", "u32", "s8", "char", "bool", "u16", "s16", "u64", "s64")
 # Sections a variable may be placed in; `.data.percpu` and `.data..percpu` are ordinary data (spec §1).
@@ -330,3 +333,19 @@ def _retag(ctype: CType, prefix: str) -> CType:
         return replace(ctype, tag=prefix + ctype.tag,
                        fields=tuple(replace(f, type=_retag(f.type, prefix)) for f in ctype.fields))
     return ctype
+
+
+def fixed_sample(strategy: st.SearchStrategy[_V], n: int) -> list[_V]:
+    """The first n examples of a derandomized draw: the same values on every run and machine (for the gate,
+    the VM sample and the benchmarks, which compare runs and must not depend on the example database)."""
+    from hypothesis import Phase, given, settings
+
+    out: list[_V] = []
+
+    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
+    @given(strategy)
+    def collect(value: _V) -> None:
+        out.append(value)
+
+    collect()
+    return out[:n]

@@ -27,6 +27,7 @@ class Backend(Protocol):
     profile: str  # the oracle profile its observations are predicted by
     possible_cpus: int
     online_cpus: tuple[int, ...]
+    modifiers: str  # probed kernel facts beside the feature, as profile suffixes ("+noext")
 
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         ...
@@ -100,7 +101,9 @@ class KernelBackend:
         knows = True if self.loader == "raw" else self._libbpf_knows_percpu()
         self.profile = KERNEL_PROFILES[(self.loader, knows, bool(facts["features"]["percpu_data"]))]
         # extension programs refused (EPERM) is a probed kernel fact the oracle predicts with, not a skip
-        self.modifiers = "+noext" if facts["features"].get("freplace") is False else ""
+        from backends.kernel.observe import kernel_modifiers
+
+        self.modifiers = kernel_modifiers(facts["features"])
         self.profile += self.modifiers
 
     @functools.cached_property

@@ -16,12 +16,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from hypothesis import Phase, given, settings
-
 from corpus.selftest import selftest_model
 from corpus.sets import SET_CORPUS
 from generators.model import ProgramModel
-from generators.strategies import program_models
+from generators.strategies import fixed_sample, program_models
 from schema.cpulist import parse_cpulist
 from schema.result import Result, compare, compare_set
 
@@ -46,15 +44,7 @@ def parse_config(text: str, clang):  # noqa: ANN001, ANN201 - a suites.backends.
 
 def sample_models(n: int, cpus: tuple[int, ...]) -> list[ProgramModel]:
     """A fixed-seed sample: the same models on every run and machine."""
-    out: list[ProgramModel] = []
-
-    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
-    @given(program_models(cpus=cpus))
-    def collect(model: ProgramModel) -> None:
-        out.append(model)
-
-    collect()
-    return out[:n]
+    return fixed_sample(program_models(cpus=cpus), n)
 
 
 def facts_row(case: str, config: str, doc: Result) -> dict[str, str]:

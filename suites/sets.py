@@ -130,19 +130,9 @@ def set_as_global(observed: dict, expected: dict, compiled: CompiledSet) -> dict
 
 def sample_sets(n: int, cpus: tuple[int, ...]) -> list[ObjectSet]:
     """A fixed-seed sample of object sets: the same sets on every run and machine."""
-    from hypothesis import Phase, given, settings
+    from generators.strategies import fixed_sample, object_sets
 
-    from generators.strategies import object_sets
-
-    out: list[ObjectSet] = []
-
-    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None)
-    @given(object_sets(cpus=cpus))
-    def collect(model: ObjectSet) -> None:
-        out.append(model)
-
-    collect()
-    return out[:n]
+    return fixed_sample(object_sets(cpus=cpus), n)
 
 
 def check_set_lowered_twin(clang: Clang, backend, model: ObjectSet) -> None:  # noqa: ANN001
@@ -150,7 +140,7 @@ def check_set_lowered_twin(clang: Clang, backend, model: ObjectSet) -> None:  # 
     under the feature (profile merged)."""
     compiled = compile_set(clang, model)
     # the feature's semantics, on this kernel's other facts (a kernel refusing extension programs refuses them)
-    expected = predict_for(backend, compiled, clang, "merged" + getattr(backend, "modifiers", ""))
+    expected = predict_for(backend, compiled, clang, "merged" + backend.modifiers)
     lowered = compile_set_lowered(clang, compiled)
     observed = backend.observe_set(set_plan(lowered, lowered_set_initial(compiled, expected)))
     assert_same_set(f"setlowered-{backend.name}", compiled, expected, set_as_global(observed, expected, compiled),

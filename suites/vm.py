@@ -173,8 +173,9 @@ def _check_set(case: str, kind: str, compiled: CompiledSet, observed: dict, outc
         print(f"  {case} {kind}: the guest could not observe it: {observed['error']['message']}")
         return 1
     env = observed["env"]
-    modifiers = "+noext" if env["features"].get("freplace") is False else ""
-    profile = "merged" + modifiers if kind == "set-lowered" else env["profile"]
+    from backends.kernel.observe import kernel_modifiers
+
+    profile = "merged" + kernel_modifiers(env["features"]) if kind == "set-lowered" else env["profile"]
     try:
         prof = profile_named(profile)
     except UnknownProfile:

@@ -274,12 +274,6 @@ def _fail_open(result: Result, facts: ObjectFacts, error_class: str, message: st
 # -- one object in the kernel, phase by phase ----------------------------------------------------------------
 
 
-def _freplace_target(section: str) -> str | None:
-    """The function an extension program replaces, from its section `freplace/<func>` (libbpf's SEC name)."""
-    base, _, func = section.lstrip("?").partition("/")
-    return func if base == "freplace" and func else None
-
-
 class _Closeable(Protocol):
     def close(self) -> None: ...
 
@@ -323,7 +317,7 @@ class _Session:
         return _do_runs([run], self.prog_fds, self.online, None if self.loaded else "object failed to load")[0]
 
     def extensions(self) -> list[str]:
-        return [f.name for f in self.facts.functions if f.is_program and _freplace_target(f.section)]
+        return [f.name for f in self.facts.functions if f.is_program and objload.freplace_target(f.section)]
 
     def mark_extensions(self) -> None:
         """Extension programs of an object the set opened say whether they are attached (false until they are)."""

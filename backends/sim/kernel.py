@@ -19,6 +19,7 @@ import errno
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from backends.objload import (
     BPF_ANY,
@@ -47,6 +48,8 @@ PCPU_MIN_UNIT_SIZE = 32 * 1024  # the per-CPU allocator's limit for one value [V
 MAP_AREA = 1 << 40
 MAP_SPAN = 1 << 32
 MAX_MAPS = (1 << 40) // MAP_SPAN
+_T = TypeVar("_T")
+
 PERCPU_UNIT = 1 << 41
 HANDLE_AREA = 1 << 39
 CTX_ADDR = 0x7000_0000
@@ -235,13 +238,17 @@ class SimKernel:
         """An open descriptor that is not a BPF object (what libbpf puts in place of a map it did not create)."""
         return self._new_fd("placeholder")
 
-    def _map(self, fd: int) -> SimMap:
+    def _typed(self, fd: int, kind: type[_T], what: str) -> _T:
+        """The object behind fd: EBADF when nothing is open there, EINVAL when it is something else."""
         obj = self._objects.get(fd)
         if obj is None:
             raise SimError(errno.EBADF, f"fd {fd} is not open")
-        if not isinstance(obj, SimMap):
-            raise SimError(errno.EINVAL, f"fd {fd} is not a map")
+        if not isinstance(obj, kind):
+            raise SimError(errno.EINVAL, f"fd {fd} is not {what}")
         return obj
+
+    def _map(self, fd: int) -> SimMap:
+        return self._typed(fd, SimMap, "a map")
 
     def map_by_fd(self, fd: int) -> SimMap | str | None:
         """For the verifier: the map, a string naming what else the fd is, or None for a closed fd."""
@@ -251,12 +258,7 @@ class SimKernel:
         return obj if isinstance(obj, str) else "prog" if isinstance(obj, SimProg) else "link"
 
     def prog(self, fd: int) -> SimProg:
-        obj = self._objects.get(fd)
-        if obj is None:
-            raise SimError(errno.EBADF, f"fd {fd} is not open")
-        if not isinstance(obj, SimProg):
-            raise SimError(errno.EINVAL, f"fd {fd} is not a program")
-        return obj
+        return self._typed(fd, SimProg, "a program")
 
     def percpu_offset(self, cpu: int) -> int:
         return (cpu + 1) * PERCPU_UNIT
