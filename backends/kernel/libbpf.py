@@ -39,7 +39,9 @@ __all__ = [
     "LibbpfObject",
     "LogRecord",
     "MapView",
+    "PLACEHOLDER_FD_NAME",
     "ProgView",
+    "fd_kind",
 ]
 
 # enum libbpf_print_level
@@ -73,6 +75,27 @@ _LIBBPF_ERRNO_NAMES = {
 # Pointers libbpf < 1.0 (or 1.x in legacy mode) returns to encode an error: the top 4095 addresses.
 _MAX_ERRNO = 4095
 _PTR_MASK = (1 << (8 * ctypes.sizeof(ctypes.c_void_p))) - 1
+
+
+# libbpf >= 1.8 gives every map a memfd of this name from open until the map is created; a map it then never
+# creates (autocreate cleared on a kernel without the feature) keeps it, and bpf_map__fd returns it (>= 0).
+PLACEHOLDER_FD_NAME = "libbpf-placeholder-fd"
+
+
+def fd_kind(fd: int) -> str:
+    """What a descriptor from bpf_map__fd really is: "map" (a kernel bpf map), "placeholder" (libbpf's memfd),
+    "none" (negative or closed) or "other". Only a "map" is a created map."""
+    if fd < 0:
+        return "none"
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "none"
+    if target == "anon_inode:bpf-map":
+        return "map"
+    if target.startswith(f"/memfd:{PLACEHOLDER_FD_NAME}"):
+        return "placeholder"
+    return "other"
 
 
 def errno_name(err: int) -> str:
@@ -341,6 +364,11 @@ class MapView:
     internal: bool
     autocreate: bool | None
     fd: int
+    fd_kind: str = "none"  # what `fd` is (`fd_kind`): a placeholder memfd is no created map
+
+    @property
+    def created(self) -> bool:
+        return self.fd_kind == "map"
 
 
 @dataclass(frozen=True)
@@ -533,6 +561,7 @@ class LibbpfObject:
             internal = bool(f["bpf_map__is_internal"](m))
         else:
             internal = "." in name
+        fd = int(f["bpf_map__fd"](m))
         return MapView(
             name=name,
             type=int(f["bpf_map__type"](m)),
@@ -543,7 +572,8 @@ class LibbpfObject:
             initial_value=init,
             internal=internal,
             autocreate=bool(f["bpf_map__autocreate"](m)) if "bpf_map__autocreate" in f else None,
-            fd=int(f["bpf_map__fd"](m)),
+            fd=fd,
+            fd_kind=fd_kind(fd),
         )
 
     def maps(self) -> list[MapView]:

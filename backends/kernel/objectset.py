@@ -146,6 +146,10 @@ def _set_reuse(plan: SetPlan, k: int, session: _AnySession, sessions: Sequence[_
         session.require_map(key)
         source = sessions[src]
         fd = source.map_fd(key) if source is not None else None
+        if fd is None and source is not None:
+            # what bpf_map__fd gives a user for a map libbpf never created: its placeholder memfd, which
+            # bpf_map__reuse_fd then accepts; observed as it happens (the result's `reuse` names the fd's kind)
+            fd = source.placeholder_fd(key)
         problem = "cannot reuse a map that was not created" if fd is None else session.reuse(key, fd)
         if problem is not None:
             session.fail_reuse(f"map '{key}': {problem}")

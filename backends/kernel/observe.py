@@ -27,7 +27,16 @@ from typing import Any, Protocol
 
 from backends import objload
 from backends.kernel import bpf, probes
-from backends.kernel.libbpf import Libbpf, LibbpfError, LibbpfMissing, LibbpfObject, LogRecord, MapView, ProgView
+from backends.kernel.libbpf import (
+    Libbpf,
+    LibbpfError,
+    LibbpfMissing,
+    LibbpfObject,
+    LogRecord,
+    MapView,
+    ProgView,
+    fd_kind,
+)
 from schema import messages
 from schema.result import (
     REUSE_FAILED,
@@ -313,6 +322,10 @@ class _Session:
         """ValueError unless the object has the map `key`: a plan naming a map that is not there is bad input."""
         self._map_index(key)
 
+    def placeholder_fd(self, key: str) -> int | None:
+        """A stand-in descriptor the loader hands out for the map `key` it never created; only libbpf has one."""
+        return None
+
     def run(self, run: Run) -> dict[str, Any]:
         return _do_runs([run], self.prog_fds, self.online, None if self.loaded else "object failed to load")[0]
 
@@ -463,17 +476,29 @@ class LibbpfSession(_Session):
             raise ValueError(f"reuse of {key!r}: {self.path} has no such map") from None
 
     def map_fd(self, key: str) -> int | None:
-        """The fd of the map `key`; None when it was not created."""
+        """The fd of the map `key`; None when it was not created (libbpf's placeholder memfd included)."""
         assert self.obj is not None
         self._map_index(key)
         fd = self.obj.map_fd(key)
-        return fd if fd >= 0 else None
+        return fd if fd_kind(fd) == "map" else None
+
+    def placeholder_fd(self, key: str) -> int | None:
+        """The placeholder memfd bpf_map__fd returns for the map `key` libbpf never created, else None: a user
+        handing bpf_map__fd's answer to bpf_map__reuse_fd hands over this."""
+        assert self.obj is not None
+        self._map_index(key)
+        fd = self.obj.map_fd(key)
+        return fd if fd_kind(fd) == "placeholder" else None
 
     def reuse(self, key: str, fd: int) -> str | None:
-        """bpf_map__reuse_fd before load; the reason when libbpf refuses."""
+        """bpf_map__reuse_fd before load; the reason when libbpf refuses. Each call is kept in the result's
+        `reuse` (map, what the source fd was, libbpf's answer): libbpf accepts a placeholder memfd through its
+        fdinfo fallback, which is a fact of its own and no created map."""
         assert self.obj is not None
         index = self._map_index(key)
+        kind = fd_kind(fd)
         rc = self.obj.reuse_fd(key, fd)
+        self.result.setdefault("reuse", []).append({"map": key, "source_fd": kind, "rc": rc})
         if rc < 0:
             return f"bpf_map__reuse_fd: {-rc} ({os.strerror(-rc)})"
         self.reused.add(index)
@@ -503,14 +528,17 @@ class LibbpfSession(_Session):
         self.views = views = self.obj.maps()
         for i, v in enumerate(views):
             # a reused map keeps the source's contents: its own starting value is never written
-            if i in self.after_load and i not in self.reused and v.fd >= 0:
+            if i in self.after_load and i not in self.reused and v.created:
                 _write_key0(v.fd, v.type, v.key_size, v.value_size, self.after_load[i], self.ncpus)
         for v, section in zip(views, self.sections, strict=True):
-            created = v.fd >= 0
-            self.result["maps"].append(map_entry(
-                name=v.name, kernel_name=bpf.map_info(v.fd).name if created else None, section=section,
+            # bpf_map__fd >= 0 is not enough: a map libbpf never created keeps its placeholder memfd
+            entry = map_entry(
+                name=v.name, kernel_name=bpf.map_info(v.fd).name if v.created else None, section=section,
                 type=_type_name(v.type), key_size=v.key_size, value_size=v.value_size,
-                max_entries=v.max_entries, flags=v.map_flags, internal=v.internal, created=created))
+                max_entries=v.max_entries, flags=v.map_flags, internal=v.internal, created=v.created)
+            if v.fd_kind == "placeholder":
+                entry["placeholder_fd"] = True
+            self.result["maps"].append(entry)
         for p in self.obj.programs():
             if p.fd < 0:
                 self.result["programs"].append(program_entry(p.name, "not_loaded", errno=None))
