@@ -1,16 +1,23 @@
-"""The guest side of the VM backend: `python -m backends.vm.agent DIR`, run by virtme-ng inside the booted kernel.
+"""The guest side of the VM backend, run by virtme-ng inside the booted kernel.
 
-Reads DIR/requests.json, probes the guest kernel, observes each request with the kernel backend and writes
-DIR/results.json (atomically: the host reads it only after the guest stopped, but a half-written file must never
-pass for an answer). A failing request becomes an error entry; only a failure outside any request is `fatal`.
+`python -m backends.vm.agent DIR` (batch): reads DIR/requests.json, probes the guest kernel, observes each request
+with the kernel backend and writes DIR/results.json (atomically: a half-written file must never pass for an
+answer). A failing request becomes an error entry; only a failure outside any request is `fatal`.
+
+`python -m backends.vm.agent --serve DIR` (persistent, docs/vm-backend.md): probes, writes DIR/ready.json, then
+answers DIR/req-N.json with DIR/resp-N.json, one request at a time, until a `shutdown` request. Each answer carries
+the kernel's complaints (WARN, BUG, KASAN, "BPF:") read from /dev/kmsg while that request ran.
+
 Progress goes to stdout, which is the guest console the host keeps. Nothing is pinned, so bpffs is not needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -24,13 +31,13 @@ def _say(text: str) -> None:
     print(f"percpu-vm: [{time.monotonic() - _START:6.1f}s] {text}", flush=True)
 
 
-def _write(directory: Path, doc: dict[str, Any]) -> None:
-    tmp = directory / "results.json.tmp"
+def _write(directory: Path, doc: dict[str, Any], name: str = "results.json") -> None:
+    tmp = directory / f"{name}.tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, directory / "results.json")
+    os.replace(tmp, directory / name)
 
 
 def _guest_facts() -> dict[str, Any]:
@@ -176,17 +183,146 @@ def run(directory: Path) -> int:
     return 0
 
 
+# -- the persistent agent ----------------------------------------------------------------------------------------
+
+POLL_SECONDS = 0.002  # a stat over 9p costs about 1 ms under TCG
+# What BPF CI greps dmesg for: a kernel complaint while a request ran fails that request's example.
+SPLAT = re.compile(r"(WARNING:|BUG:|KASAN|Oops|general protection fault|kernel BUG|\bBPF:)")
+_KMSG = "/dev/kmsg"
+
+
+class KernelLog:
+    """The kernel log since the last `drain`: /dev/kmsg opened non-blocking at its end."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = os.open(_KMSG, os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = None
+
+    def drain(self) -> list[str]:
+        lines = []
+        while self.fd is not None:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # overwritten records: go on from the next one
+                    continue
+                break
+            if not record:
+                break
+            _, _, text = record.decode(errors="replace").partition(";")
+            lines.append(text.split("\n", 1)[0])
+        return lines
+
+
+def _set_jit(enabled: bool | None) -> None:
+    """Switch the JIT (net.core.bpf_jit_enable) for the requests that follow; probes are cached per state."""
+    from backends.kernel import observe, probes
+
+    if enabled is None or probes.jit_enabled() == enabled:
+        return
+    with open("/proc/sys/net/core/bpf_jit_enable", "w") as f:
+        f.write("1" if enabled else "0")
+    if probes.jit_enabled() != enabled:
+        raise RuntimeError(f"bpf_jit_enable did not become {int(enabled)} (CONFIG_BPF_JIT_ALWAYS_ON?)")
+    observe.kernel_features.cache_clear()
+
+
+def _libbpf_knows_percpu(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> bool:
+    """Does this libbpf open an object whose program references a .percpu variable (the host compiled it)?"""
+    from backends.kernel.libbpf import LibbpfError
+    from backends.kernel.observe import open_libbpf
+
+    path = req.get("libbpf")
+    if path not in libbpfs:
+        libbpfs[path] = open_libbpf(path)
+    try:
+        with libbpfs[path].open(req["object"]):
+            return True
+    except LibbpfError:
+        return False
+
+
+def _verifier_case(req: dict[str, Any]) -> dict[str, Any]:
+    from generators.model import from_jsonable
+    from suites.verifier_backends import observe_kernel
+
+    return observe_kernel(from_jsonable(req["case"]), [(int(c), int(n)) for c, n in req.get("runs", ())])
+
+
+def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
+    kind = req.get("kind")
+    _set_jit(req.get("jit"))
+    if kind == "probe":  # the guest's facts; with "object", what the requested libbpf makes of .percpu
+        facts = _guest_facts()
+        if req.get("loader", "libbpf") == "libbpf" and req.get("object"):
+            facts["libbpf_knows_percpu"] = _libbpf_knows_percpu(req, libbpfs)
+            facts["libbpf"] = libbpfs[req.get("libbpf")].version
+            facts["libbpf_path"] = libbpfs[req.get("libbpf")].path
+        return {"probe": facts}
+    if kind in ("observe", "observe_set"):
+        doc = _observe(req, libbpfs)
+        for d in [doc, *doc.get("objects", ())]:
+            d["source"] = "vm"
+        return {"observation": doc}
+    if kind == "verifier_case":
+        doc = _verifier_case(req)
+        doc["source"] = "vm"
+        return {"observation": doc}
+    if kind == "crash":  # fault injection for the suite's own tests: a real guest panic
+        with open("/proc/sysrq-trigger", "w") as f:
+            f.write("c")
+    if kind == "hang":  # fault injection: a request that never answers
+        while True:
+            time.sleep(3600)
+    raise ValueError(f"unknown request kind {kind!r}")
+
+
+def serve(directory: Path) -> int:
+    libbpfs: dict[str | None, Any] = {}
+    kmsg = KernelLog()
+    guest = _guest_facts()
+    _say(f"kernel {guest['kernel_release']}, serving {directory}")
+    _write(directory, {"guest": guest}, "ready.json")
+    seq = 0
+    while True:
+        path = directory / f"req-{seq}.json"
+        if not path.exists():
+            time.sleep(POLL_SECONDS)
+            continue
+        req = json.loads(path.read_text())
+        if req.get("kind") == "shutdown":
+            _write(directory, {"ok": True}, f"resp-{seq}.json")
+            return 0
+        start = time.monotonic()
+        kmsg.drain()
+        try:
+            answer = _answer(req, libbpfs)
+        except Exception as e:  # one bad request must not end the agent
+            answer = {"error": {"type": type(e).__name__, "message": " ".join(str(e).split())}}
+        answer["kernel_log"] = [ln for ln in kmsg.drain() if SPLAT.search(ln)]
+        answer["seconds"] = round(time.monotonic() - start, 4)
+        _write(directory, answer, f"resp-{seq}.json")
+        seq += 1
+
+
 def main(argv: list[str]) -> int:
+    persistent = argv[:1] == ["--serve"]
+    argv = argv[1:] if persistent else argv
     if len(argv) != 1:
-        print("usage: python -m backends.vm.agent DIR", file=sys.stderr)
+        print("usage: python -m backends.vm.agent [--serve] DIR", file=sys.stderr)
         return 2
     directory = Path(argv[0])
     try:
-        return run(directory)
+        return serve(directory) if persistent else run(directory)
     except Exception as e:
         traceback.print_exc()  # lands on the guest console, which the host keeps
         with contextlib.suppress(OSError):
-            _write(directory, {"fatal": f"{type(e).__name__}: {e}"})
+            _write(directory, {"fatal": f"{type(e).__name__}: {e}"}, "ready.json" if persistent else "results.json")
         return 1
 
 
