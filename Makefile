@@ -3,7 +3,7 @@ VENV ?= .venv
 TOX = $(VENV)/bin/tox
 ARGS ?=
 
-.PHONY: setup conformance test vm-smoke clean
+.PHONY: setup conformance test vm-smoke stack clean
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
@@ -15,6 +15,10 @@ test: setup
 
 vm-smoke: setup
 	$(TOX) -e vm -- --examples 3 $(ARGS)
+
+# The real stack (Linux 7.3.4, libbpf 1.8.0, bpftool 7.8.0) into the cache; prints its paths as JSON
+stack:
+	@VENV=$(VENV) bash scripts/setup.sh stack
 
 clean:
 	rm -rf $(VENV) .tox reports failures .hypothesis

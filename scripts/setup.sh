@@ -9,6 +9,11 @@ APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf1 libbpf-dev python3-venv gcc libc6
 if [ "${1:-}" = vm ]; then
   APT_PACKAGES+=(qemu-system-x86 busybox-static linux-image-amd64 file)
 fi
+# `setup.sh stack`: what provisioning the real stack needs (apt-get download, dpkg-deb, depmod, the libbpf and
+# bpftool builds); the packages themselves are only unpacked into the cache, never installed
+if [ "${1:-}" = stack ]; then
+  APT_PACKAGES+=(debian-archive-keyring xz-utils kmod make pkg-config libelf-dev zlib1g-dev libcap-dev)
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,4 +38,9 @@ if [ ! -x "$VENV/bin/tox" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$VENV/bin/pip" install -q "tox>=4" >/dev/null
+fi
+
+# The stack's paths as JSON; on failure its one-line reason and exit code (backends/stack/__main__.py)
+if [ "${1:-}" = stack ]; then
+  exec python3 -m backends.stack paths
 fi
