@@ -138,7 +138,28 @@ def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
 
 # The conformance matrix: rows are properties, columns backends; printed at the end of every run.
 
-_MATRIX: dict[tuple[str, str], dict[str, int | str]] = {}
+_MATRIX: dict[tuple[str, str], dict] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A malformed known-divergence register stops the run with one line, before any test."""
+    from suites.known import RegisterError, register
+
+    try:
+        register()
+    except RegisterError as e:
+        raise pytest.UsageError(f"known-divergence register: {e}") from None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+    """The known-divergence hits and applicable entries of the test's comparisons ride on its user_properties
+    (which pytest-xdist carries to the controller), so the matrix can show them."""
+    if call.when == "call":
+        from suites.known import drain
+
+        item.user_properties.extend(drain())
+    yield
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -157,11 +178,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for key, value in report.user_properties:
         if key == "predicted_reject":
             cell["predicted-reject"] = int(cell.get("predicted-reject", 0)) + int(value)
+        elif key in ("known", "known-applies"):
+            cell.setdefault(key, {})[value] = cell.get(key, {}).get(value, 0) + 1
 
 
-def _cell_text(cell: dict[str, int | str]) -> str:
+def _cell_text(cell: dict) -> str:
     if cell.get("failed"):
         return "FAIL"
+    if cell.get("known"):  # every divergence explained by the register: neither pass nor FAIL
+        return "known: " + ", ".join(sorted(cell["known"]))
     if cell.get("passed"):
         rejects = cell.get("predicted-reject")
         return f"pass ({rejects} predicted-reject)" if rejects else "pass"
@@ -194,12 +219,27 @@ def _write_reports(columns: list[str], rows: list[tuple[str, list[str]]], md: li
         (out / "matrix.html").write_text(
             "<!doctype html><meta charset=utf-8><title>percpu-conformance matrix</title><style>"
             "td,th{border:1px solid #999;padding:4px}.pass{background:#cfc}.fail{background:#fcc}"
-            ".skipped{background:#eee}</style>"
+            ".skipped{background:#eee}.known{background:#ffd}</style>"
             f"<table><tr>{head}</tr>{body}</table>\n")
         cells = {f"{p}|{c}": v for (p, c), v in _MATRIX.items()}
-        (out / "results.json").write_text(json.dumps({"matrix": cells, "columns": columns}, indent=1) + "\n")
+        stale = [{"column": c, "id": i} for c, i in _known_not_reproduced()]
+        (out / "results.json").write_text(json.dumps({"matrix": cells, "columns": columns,
+                                                      "known_not_reproduced": stale}, indent=1) + "\n")
     except OSError as e:
         print(f"reports: cannot write {out}: {e.strerror}")
+
+
+def _known_not_reproduced() -> list[tuple[str, str]]:
+    """(column, id) of register entries that applied in a column that ran but explained nothing there: an
+    upstream fix (or a changed stack) to notice."""
+    applied: dict[str, set[str]] = {}
+    hit: dict[str, set[str]] = {}
+    for (prop, column), cell in _MATRIX.items():
+        if not prop.startswith("suites/"):
+            continue
+        applied.setdefault(column, set()).update(cell.get("known-applies", {}))
+        hit.setdefault(column, set()).update(cell.get("known", {}))
+    return [(c, i) for c in sorted(applied) for i in sorted(applied[c] - hit[c])]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
@@ -211,6 +251,8 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
     terminalreporter.section("conformance matrix")
     for line in md:
         terminalreporter.write_line(line)
+    for column, entry in _known_not_reproduced():
+        terminalreporter.write_line(f"known divergence {entry} did not reproduce ({column})")
     _write_reports(columns, rows, md)
     from suites.support import COVERAGE
 

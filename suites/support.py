@@ -13,6 +13,7 @@ from pathlib import Path
 from generators.model import ProgramModel, dumps
 from generators.render import render_global, render_lowered, section_ident
 from schema.result import LAYERS, Comparison, Result, compare
+from suites import known
 from toolchain.clang import Clang, compile_c
 from toolchain.elf import ObjectFacts, read_object
 
@@ -111,12 +112,14 @@ def assert_same(name: str, compiled: Compiled, expected: Result, observed: Resul
                 extra_sources: dict[str, str] | None = None, layers: tuple[str, ...] = LAYERS,
                 meta: dict | None = None) -> Comparison:
     cmp = compare(expected, observed, layers=layers)
-    if not cmp.ok:
+    triaged = known.triage(cmp, observed)
+    known.record(triaged)
+    if not cmp.ok and not triaged.all_known:
         meta = {**(meta or {}), "check": name.split("-")[0], "layers": list(layers)}
         where = write_bundle(name, compiled, {"expected": expected, "observed": observed}, cmp.report(),
                              extra_sources, meta)
         raise AssertionError(f"{expected['source']} vs {observed['source']}: {len(cmp.divergences)} divergence(s),"
-                             f" blame {cmp.blame()}; bundle {where}\n{cmp.report()}")
+                             f" blame {cmp.blame()}; bundle {where}\n{cmp.report()}{known.annotate(triaged)}")
     return cmp
 
 
