@@ -45,10 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Bad options stop the run at once with pytest's usage error (exit 4) and one line."""
-    from oracle.profiles import UnknownProfile, profile
+    from schema.profiles import UnknownProfile, lookup
 
     try:
-        profile(config.getoption("--profile"))
+        lookup(config.getoption("--profile"))
         if config.getoption("--online-cpus"):
             parse_cpulist(config.getoption("--online-cpus"))
     except (UnknownProfile, ValueError) as e:

@@ -172,8 +172,9 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
     libbpf, kernel = profile.libbpf, profile.kernel
     env = new_env(profile.name, clang=clang, possible_cpus=possible_cpus, online_cpus=list(online_cpus),
                   libbpf=libbpf.version,
-                  features={"percpu_data": kernel.percpu_direct_value, "bpf_f_cpu": kernel.bpf_f_cpu,
-                            "percpu_insn_jit": kernel.percpu_insn_jit})
+                  features={"percpu_data": kernel.percpu_data_probe, "bpf_f_cpu": kernel.bpf_f_cpu,
+                            "percpu_insn_jit": kernel.percpu_insn_jit,
+                            "percpu_direct_value": kernel.percpu_direct_value, "jit": kernel.jit_enabled})
     result = new_result("oracle", env, {"path": str(facts.path), "sha256": facts.sha256})
     obj_name = object_name(facts.path.name)
 
@@ -217,8 +218,8 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
         percpu = kind == KIND_PERCPU
         value_size = round_up(size, libbpf.percpu_value_align) if percpu else size
         created = True
-        if percpu and not kernel.percpu_direct_value and libbpf.probes_feature:
-            created = False  # autocreate cleared by the feature probe [S]
+        if percpu and not kernel.percpu_data_probe and libbpf.probes_feature:
+            created = False  # autocreate cleared by the feature probe (which the JIT being off fails too) [S]
         if percpu and created and round_up(value_size, 8) > PERCPU_VALUE_LIMIT:
             created = False
             load_error = load_error or (E2BIG, "e2big")
@@ -254,6 +255,10 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
             # resolve_pseudo_ldimm64 runs before the attach target is checked
             verdicts[f.name] = ("rejected", EINVAL, "no_direct_value_access", kernel.no_direct_value_message)
             failed = True
+        elif f.replaces is not None and not kernel.ext_jit:
+            # bpf_check_attach_target asks for jit_requested before the prototype check [V]
+            verdicts[f.name] = ("rejected", EINVAL, "jit_required", kernel.ext_jit_message)
+            failed = True
         elif f.name in static_targets:
             # btf_check_func_type_match names the function [measured on a 6.1 guest]
             verdicts[f.name] = ("rejected", EINVAL, "freplace_static_target",
@@ -265,6 +270,10 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
             missing = next(m["name"] for m in result["maps"] if m["section"] in touched & uncreated)
             verdicts[f.name] = ("rejected", EINVAL, "map_not_created",
                                 f"BPF map '{missing}' is referenced but wasn't created")
+            failed = True
+        elif touched and not kernel.jit_enabled:
+            # verified, then refused by bpf_fixup_call_args: the per-CPU rewrite made it jit_required [V: 7.3.4]
+            verdicts[f.name] = ("rejected", EINVAL, "jit_required", kernel.jit_required_message)
             failed = True
         else:
             verdicts[f.name] = ("accepted", 0, None, None)

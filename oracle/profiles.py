@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from schema import profiles as registry
+from schema.profiles import UnknownProfile
+
 BPF_F_MMAPABLE = 0x400
 BPF_F_RDONLY_PROG = 0x80
 PERCPU_VALUE_LIMIT = 32 * 1024  # pcpu allocator unit: round_up(value_size, 8) above this is E2BIG [V]
@@ -62,6 +65,18 @@ class KernelAxis:
     # BPF_PROG_TYPE_EXT loads: some kernels refuse every one with EPERM and an empty log, before verification
     # [measured: 6.18.44-fc refuses EXT, fentry/fexit and LSM programs alike; a 6.1 guest loads them]
     ext_programs: bool = True
+    # bpf_jit_enable != 0 (jit_requested). Off, the ld_imm64 rewrite still marks the program jit_required and
+    # bpf_fixup_call_args refuses it after verification; helpers and lookups are not inlined [V: 7.3.4]
+    jit_enabled: bool = True
+    jit_required_message: str = "program requires BPF JIT compiler but it is not available"
+    # extension programs get jit_requested, which bpf_check_attach_target demands [V]
+    ext_jit: bool = True
+    ext_jit_message: str = "Extension programs should be JITed"
+
+    @property
+    def percpu_data_probe(self) -> bool:
+        """libbpf's FEAT_PERCPU_DATA probe (a socket filter reading a 1-entry PERCPU_ARRAY directly) loads."""
+        return self.percpu_direct_value and self.percpu_insn_jit and self.jit_enabled
 
 
 LIBBPF = {
@@ -84,6 +99,8 @@ KERNEL = {
                              const_str_percpu_first=False,
                              const_str_percpu_message="only array map supports direct string value access"),
     "unpatched": KernelAxis("unpatched", False, True, False),
+    # merged kernel on an arch whose JIT has no per-CPU instruction: direct per-CPU access is EOPNOTSUPP [V]
+    "patched-nojit": KernelAxis("patched-nojit", True, False, True),
 }
 
 
@@ -94,36 +111,40 @@ class Profile:
     kernel: KernelAxis
 
 
-PROFILES = {
-    "merged": Profile("merged", LIBBPF["merged"], KERNEL["patched"]),
-    "v1": Profile("v1", LIBBPF["v1"], KERNEL["patched-v1"]),
-    "unpatched": Profile("unpatched", LIBBPF["old"], KERNEL["unpatched"]),
-    "old-patched-kernel": Profile("old-patched-kernel", LIBBPF["old"], KERNEL["patched"]),
-    "merged-unpatched-kernel": Profile("merged-unpatched-kernel", LIBBPF["merged"], KERNEL["unpatched"]),
-    "raw-unpatched": Profile("raw-unpatched", LIBBPF["raw"], KERNEL["unpatched"]),
-    "raw-patched": Profile("raw-patched", LIBBPF["raw"], KERNEL["patched"]),
-}
+# one Profile per registry row: the names come from schema.profiles, the behaviour from the axes above
+PROFILES = {row.name: Profile(row.name, LIBBPF[row.libbpf_axis], KERNEL[row.kernel_axis])
+            for row in registry.PROFILES.values()}
 
 
-# Kernel facts orthogonal to the feature, probed and appended to a profile's name: "unpatched+noext".
+# What each registry modifier changes in a kernel axis.
 KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
     "noext": {"ext_programs": False},
+    "jitoff": {"jit_enabled": False, "ext_jit": False},
+    "noextjit": {"ext_jit": False},
 }
 
+__all__ = ["KERNEL", "KERNEL_MODIFIERS", "LIBBPF", "PROFILES", "KernelAxis", "LibbpfAxis", "Profile",
+           "UnknownProfile", "kernel_axis", "profile"]
 
-class UnknownProfile(ValueError):
-    pass
+
+def _modified(kernel: KernelAxis, modifiers: tuple[str, ...]) -> KernelAxis:
+    if not modifiers:
+        return kernel
+    changes = {k: v for m in modifiers for k, v in KERNEL_MODIFIERS[m].items()}
+    return replace(kernel, name=registry.join_modifiers(kernel.name, modifiers), **changes)
+
+
+def kernel_axis(name: str) -> KernelAxis:
+    """A kernel axis by name, modifiers included: "patched+jitoff"."""
+    base, modifiers = registry.split_modifiers(name)
+    if base not in KERNEL:
+        raise UnknownProfile(f"unknown kernel axis {name!r} (known: {', '.join(KERNEL)})")
+    return _modified(KERNEL[base], modifiers)
 
 
 def profile(name: str) -> Profile:
-    base, *modifiers = name.split("+")
-    try:
-        found = PROFILES[base]
-        changes = {k: v for m in modifiers for k, v in KERNEL_MODIFIERS[m].items()}
-    except KeyError:
-        raise UnknownProfile(f"unknown profile {name!r} (known: {', '.join(PROFILES)}, each optionally with "
-                             f"{', '.join('+' + m for m in KERNEL_MODIFIERS)})") from None
-    if not changes:
+    row, modifiers = registry.lookup(name)
+    found = PROFILES[row.name]
+    if not modifiers:
         return found
-    return Profile(name, found.libbpf, replace(found.kernel, name=f"{found.kernel.name}+{'+'.join(modifiers)}",
-                                               **changes))
+    return Profile(name, found.libbpf, _modified(found.kernel, modifiers))

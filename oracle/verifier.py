@@ -75,13 +75,16 @@ def predict_case(case: VerifierCase, kernel: KernelAxis) -> Verdict:
             return _reject(EACCES, "const_str_not_rdonly", "R3 does not point to a readonly map'")
         if percpu:
             return _reject(EINVAL, "const_str_percpu", kernel.const_str_percpu_message.format(reg=3))
+    if percpu and kernel.percpu_insn_jit and not kernel.jit_enabled:
+        # the rewrite below marks the program jit_required; with the JIT off it is refused after verification
+        return _reject(EINVAL, "jit_required", kernel.jit_required_message)
     insns = len(assemble(case, 0))
     if percpu and kernel.percpu_insn_jit:
         insns += 1  # BPF_MOV64_PERCPU_REG after the ld_imm64
     if folded:
         insns -= 2  # the jump, hard-wired by the folded read, and the dead load are removed [measured]
-    if case.store_cpu is not None and kernel.percpu_insn_jit:
-        insns += 2  # bpf_get_smp_processor_id inlined as three per-CPU instructions [measured]
+    if case.store_cpu is not None and kernel.percpu_insn_jit and kernel.jit_enabled:
+        insns += 2  # bpf_get_smp_processor_id inlined as three per-CPU instructions, if jit_requested [measured]
     return Verdict("accepted", 0, None, None, insns)
 
 

@@ -24,6 +24,7 @@ CLASSES: dict[str, str] = {
     "const_str_not_rdonly": "a const string in a map that is not read-only and frozen",
     "freplace_static_target": "an extension program whose target function is not global (EINVAL)",
     "prog_type_refused": "the kernel refuses the program type itself, before verification (EPERM, empty log)",
+    "jit_required": "the JIT is off and the program needs it: per-CPU data (after verification), an extension (EINVAL)",
     "e2big": "map creation refused: round_up(value_size, 8) above the per-CPU allocator's 32 KiB",
     "sim_unsupported": "outside what the simulator models (never a guess)",
     "runtime_fault": "the simulator's interpreter faulted at run time",
@@ -50,6 +51,8 @@ PATTERNS: tuple[tuple[re.Pattern[str], int | None, str], ...] = tuple((re.compil
     # (btf_check_func_type_match), which names the function [V: 6.1 guest]
     (r"Cannot replace static functions", None, "freplace_static_target"),
     (r"\(\) is not a global function", None, "freplace_static_target"),
+    (r"program requires BPF JIT compiler but it is not available", None, "jit_required"),
+    (r"Extension programs should be JITed", None, "jit_required"),
 ))
 
 

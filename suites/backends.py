@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from schema import profiles as registry
 from schema.objectset import SetPlan
 from schema.result import Result
 from suites.support import Compiled
@@ -49,8 +50,7 @@ class SimBackend:
     @property
     def modifiers(self) -> str:
         """The kernel facts beside the feature this simulated kernel has, as profile suffixes ("+noext")."""
-        base, plus, rest = self.profile.partition("+")
-        return plus + rest
+        return registry.join_modifiers("", registry.split_modifiers(self.profile)[1])
 
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         from backends.sim.observe import observe
@@ -65,20 +65,9 @@ class SimBackend:
                            online_cpus=list(self.online_cpus))
 
 
-# (libbpf knows .percpu, kernel has the feature) -> profile; the raw loader always knows .percpu
-KERNEL_PROFILES = {
-    ("libbpf", False, False): "unpatched",
-    ("libbpf", False, True): "old-patched-kernel",
-    ("libbpf", True, False): "merged-unpatched-kernel",
-    ("libbpf", True, True): "merged",
-    ("raw", True, False): "raw-unpatched",
-    ("raw", True, True): "raw-patched",
-}
-
-
 @dataclass
 class KernelBackend:
-    loader: str  # "libbpf" | "raw"
+    loader: registry.Loader
     libbpf_path: str | None
     clang: object
     name: str = ""
@@ -99,12 +88,10 @@ class KernelBackend:
         self.possible_cpus = facts["possible_cpus"]
         self.online_cpus = tuple(facts["online_cpus"])
         knows = True if self.loader == "raw" else self._libbpf_knows_percpu()
-        self.profile = KERNEL_PROFILES[(self.loader, knows, bool(facts["features"]["percpu_data"]))]
-        # extension programs refused (EPERM) is a probed kernel fact the oracle predicts with, not a skip
-        from backends.kernel.observe import kernel_modifiers
-
-        self.modifiers = kernel_modifiers(facts["features"])
-        self.profile += self.modifiers
+        # probed kernel facts beside the feature (extension programs refused, the JIT off) are modifiers the
+        # oracle predicts with, not skips; the observation's env.profile comes from the same rule
+        self.profile = registry.profile_for_probe(self.loader, knows, facts["features"])
+        self.modifiers = registry.join_modifiers("", registry.split_modifiers(self.profile)[1])
 
     @functools.cached_property
     def libbpf(self):  # noqa: ANN201 - backends.kernel.libbpf.Libbpf, imported lazily

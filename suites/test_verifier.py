@@ -22,21 +22,14 @@ pytestmark = pytest.mark.verifier
 
 
 def _kernel_profiles(backend) -> tuple[str, str]:
-    """(oracle kernel axis, simulator kernel profile) for the backend under test."""
-    if backend.name == "sim":
-        from backends.sim.observe import SIM_PROFILES
-        from oracle.profiles import profile
+    """(oracle kernel axis, simulator kernel row), modifiers included, of the backend's profile."""
+    from schema import profiles as registry
 
-        oracle_kernel = profile(backend.profile).kernel.name
-        sim_kernel = SIM_PROFILES[backend.profile][1]
-        if oracle_kernel == "patched-v1":
-            pytest.skip("the simulator models the merged verifier only (v1 const-string texts differ)")
-        return oracle_kernel, sim_kernel
     if backend.name == "kernel-libbpf":
         pytest.skip("verifier cases load through bpf() directly: they run under kernel-raw")
-    from backends.kernel import probes
-
-    return ("patched" if probes.probe_percpu_data() else "unpatched"), ""
+    row, modifiers = registry.lookup(backend.profile)
+    return (registry.join_modifiers(row.kernel_axis, modifiers),
+            registry.join_modifiers(row.sim_kernel_row, modifiers))
 
 
 def check_case(backend, case: VerifierCase) -> None:

@@ -37,10 +37,10 @@ def _slots(raw: bytes, case: VerifierCase, possible: int) -> list[str]:
 
 
 def predict(case: VerifierCase, kernel_profile: str, possible: int, online: Sequence[int], runs: Runs) -> Result:
-    from oracle.profiles import KERNEL
+    from oracle.profiles import kernel_axis
 
     result = _document("oracle", kernel_profile, case, possible, online)
-    v = predict_case(case, KERNEL[kernel_profile])
+    v = predict_case(case, kernel_axis(kernel_profile))
     before, after = predict_contents(case, v, possible, list(runs))
     result["maps"][0].update(created=before is not None, before=before, after=after)
     result["programs"].append(program_entry("case", v.verdict, errno=v.errno, message_class=v.message_class,

@@ -14,7 +14,7 @@ import pytest
 
 from backends.sim.__main__ import main as cli_main
 from backends.sim.__main__ import parse_cpulist
-from backends.sim.observe import SIM_PROFILES, observe
+from backends.sim.observe import observe, sim_rows
 from generators.ctype import Array, Field, Record, Scalar
 from generators.model import Access, Add, Function, ProgramModel, Store, StoreCpu, Variable
 from generators.render import render_global, render_lowered, section_ident
@@ -311,8 +311,13 @@ def test_cpulist_parsing():
 
 
 def test_profile_table_maps_to_loader_and_kernel():
-    assert SIM_PROFILES["merged"] == ("merged", "patched")
-    assert SIM_PROFILES["v1"] == ("v1", "patched")
-    assert SIM_PROFILES["unpatched"] == ("old", "unpatched")
-    assert SIM_PROFILES["raw-unpatched"] == ("raw", "unpatched")
-    assert SIM_PROFILES["merged-unpatched-kernel"] == ("merged", "unpatched")
+    def names(profile: str) -> tuple[str, str]:
+        loader, kernel = sim_rows(profile)
+        return loader.name, kernel.name
+
+    assert names("merged") == ("merged", "patched")
+    assert names("v1") == ("v1", "patched-v1")
+    assert names("unpatched") == ("old", "unpatched")
+    assert names("raw-unpatched") == ("raw", "unpatched")
+    assert names("merged-unpatched-kernel") == ("merged", "unpatched")
+    assert names("merged-norewrite") == ("merged", "broken-norewrite")

@@ -37,7 +37,7 @@ from backends.kernel.libbpf import (
     ProgView,
     fd_kind,
 )
-from schema import messages
+from schema import messages, profiles
 from schema.result import (
     REUSE_FAILED,
     Result,
@@ -52,7 +52,7 @@ from toolchain.btf import encode as btf_encode
 from toolchain.elf import ObjectFacts, read_object
 
 __all__ = [
-    "BackendUnavailable", "Run", "environment", "kernel_features", "kernel_profile_name", "libbpf_profile_name",
+    "BackendUnavailable", "Run", "environment", "kernel_features", "libbpf_knows_percpu", "libbpf_profile_name",
     "raw_profile_name", "classify_message", "observe", "observe_libbpf", "observe_raw", "open_libbpf", "require_bpf",
     "LibbpfSession", "RawSession", "object_facts", "base_result", "program_names",
 ]
@@ -71,13 +71,6 @@ MAP_TYPE_NAMES = dict(enumerate((
 # a patched build that kept an older version string is classified as old].
 LIBBPF_PERCPU_VERSION = (1, 8)
 
-# (libbpf axis, kernel axis) -> the oracle's profile name.
-_LIBBPF_PROFILES = {
-    ("old", "unpatched"): "unpatched",
-    ("merged", "patched"): "merged",
-    ("merged", "unpatched"): "merged-unpatched-kernel",
-    ("old", "patched"): "old-patched-kernel",
-}
 
 
 _PROG_FAILED = re.compile(r"^libbpf: prog '([^']+)': (?:failed to load|BPF program load failed|-- BEGIN PROG LOAD LOG)")
@@ -134,26 +127,21 @@ def bpftool_version(bpftool: str = "bpftool") -> str | None:
     return m.group(1) if m else lines[0].strip()
 
 
-def kernel_profile_name(features: Mapping[str, bool | None]) -> str:
-    """The kernel axis, always from the probe: direct value access on a 1-entry PERCPU_ARRAY or not."""
-    return "patched" if features.get("percpu_data") else "unpatched"
-
-
-def libbpf_axis(libbpf: Libbpf) -> str:
-    return "merged" if libbpf.version_tuple()[:2] >= LIBBPF_PERCPU_VERSION else "old"
+def libbpf_knows_percpu(libbpf: Libbpf) -> bool:
+    return libbpf.version_tuple()[:2] >= LIBBPF_PERCPU_VERSION
 
 
 def kernel_modifiers(features: Mapping[str, bool | None]) -> str:
-    """Probed kernel facts beside the feature, as profile suffixes: `+noext` when extension programs are refused."""
-    return "+noext" if features.get("freplace") is False else ""
+    """Probed kernel facts beside the feature, as profile suffixes (`+noext`, `+jitoff`), per the registry."""
+    return profiles.join_modifiers("", profiles.modifiers_for(features))
 
 
 def libbpf_profile_name(libbpf: Libbpf, features: Mapping[str, bool | None]) -> str:
-    return _LIBBPF_PROFILES[libbpf_axis(libbpf), kernel_profile_name(features)] + kernel_modifiers(features)
+    return profiles.profile_for_probe("libbpf", libbpf_knows_percpu(libbpf), features)
 
 
 def raw_profile_name(features: Mapping[str, bool | None]) -> str:
-    return f"raw-{kernel_profile_name(features)}{kernel_modifiers(features)}"
+    return profiles.profile_for_probe("raw", True, features)
 
 
 def environment(libbpf: Libbpf | None, profile: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import errno
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from backends.kernel import bpf
 from schema.cpulist import format_cpulist, parse_cpulist  # noqa: F401  (re-exported)
@@ -20,6 +20,8 @@ from toolchain.btf import encode as btf_encode
 
 _CPU_SYSFS = "/sys/devices/system/cpu"
 _JIT_SYSCTL = "/proc/sys/net/core/bpf_jit_enable"
+
+_T = TypeVar("_T")
 
 BPF_FUNC_map_lookup_elem = 1
 BPF_FUNC_get_smp_processor_id = 8
@@ -58,6 +60,31 @@ def jit_enabled() -> bool | None:
         return None
 
 
+def _kernel_config_lines() -> list[str] | None:
+    """The running kernel's build configuration (/proc/config.gz or /boot/config-<release>), None if neither."""
+    import gzip
+
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return f.read().splitlines()
+    except OSError:
+        pass
+    try:
+        with open(f"/boot/config-{kernel_release()}") as f:
+            return f.read().splitlines()
+    except OSError:
+        return None
+
+
+def jit_always_on() -> bool | None:
+    """CONFIG_BPF_JIT_ALWAYS_ON: the sysctl cannot turn the JIT off (it reads 1); None when no config is found.
+    Debian's 7.3 leaves it unset, so bpf_jit_enable=0 really runs the interpreter."""
+    lines = _kernel_config_lines()
+    if lines is None:
+        return None
+    return "CONFIG_BPF_JIT_ALWAYS_ON=y" in lines
+
+
 def _trivial_prog() -> bytes:
     return I.encode([I.mov64_imm(0, 0), I.exit_insn()])
 
@@ -84,20 +111,35 @@ def bpf_usable() -> tuple[bool, str]:
     return True, ""
 
 
-def probe_percpu_data() -> bool:
-    """libbpf's FEAT_PERCPU_DATA check: can a program take a direct pointer (ld_imm64 BPF_PSEUDO_MAP_VALUE)
-    into a PERCPU_ARRAY value? Kernels without global per-CPU data refuse with EINVAL "no direct value access
-    support for this map type"; other failures are not a verdict and propagate."""
+JIT_REQUIRED_MESSAGE = "program requires BPF JIT compiler but it is not available"
+
+
+def _percpu_data_load() -> str:
+    """Load libbpf's FEAT_PERCPU_DATA probe (ld_imm64 BPF_PSEUDO_MAP_VALUE into a 1-entry PERCPU_ARRAY):
+    "loaded"; "no_direct_value" (EINVAL: a kernel without global per-CPU data); "jit_required" (EINVAL after
+    verification: the feature is there but the JIT is off, and the per-CPU rewrite needs it). Other failures are
+    not a verdict and propagate."""
     with bpf.map_create(bpf.PERCPU_ARRAY, 4, 8, 1, name="libbpf_percpu") as m:
         prog = I.encode([*I.ld_map_value(1, m.fileno(), 0), I.ldx_mem(I.BPF_DW, 0, 1, 0), I.exit_insn()])
         try:
             fd, _ = bpf.prog_load(bpf.SOCKET_FILTER, prog)
         except bpf.BpfError as e:
             if e.errno == errno.EINVAL:
-                return False
+                return "jit_required" if JIT_REQUIRED_MESSAGE in e.log else "no_direct_value"
             raise
         fd.close()
-        return True
+        return "loaded"
+
+
+def probe_percpu_data() -> bool:
+    """libbpf's FEAT_PERCPU_DATA check: does a program taking a direct pointer into a PERCPU_ARRAY value load?
+    False on a kernel without the feature and on a merged kernel with the JIT off alike."""
+    return _percpu_data_load() == "loaded"
+
+
+def probe_percpu_direct_value() -> bool:
+    """The feature's kernel half: PERCPU_ARRAY has map_direct_value_addr, whether or not the JIT is on."""
+    return _percpu_data_load() != "no_direct_value"
 
 
 def probe_bpf_f_cpu() -> bool:
@@ -185,7 +227,7 @@ def probe_freplace() -> tuple[bool, str]:
     return True, ""
 
 
-def _try(probe: Callable[[], bool | None]) -> bool | None:
+def _try(probe: Callable[[], _T | None]) -> _T | None:
     try:
         return probe()
     except OSError:
@@ -195,20 +237,24 @@ def _try(probe: Callable[[], bool | None]) -> bool | None:
 def probe_all() -> dict[str, Any]:
     """Everything above in one JSON-friendly dict; features that could not be probed are None."""
     usable, reason = bpf_usable()
-    features: dict[str, bool | None] = {"percpu_data": None, "bpf_f_cpu": None, "percpu_insn_jit": None,
-                                        "freplace": None}
+    features: dict[str, bool | None] = {"percpu_data": None, "percpu_direct_value": None, "bpf_f_cpu": None,
+                                        "percpu_insn_jit": None, "freplace": None, "jit": jit_enabled()}
     if usable:
+        verdict = _try(_percpu_data_load)
         features = {
-            "percpu_data": _try(probe_percpu_data),
+            "percpu_data": None if verdict is None else verdict == "loaded",
+            "percpu_direct_value": None if verdict is None else verdict != "no_direct_value",
             "bpf_f_cpu": _try(probe_bpf_f_cpu),
             "percpu_insn_jit": _try(probe_percpu_insn_jit),
             "freplace": _try(lambda: probe_freplace()[0]),
+            "jit": jit_enabled(),
         }
     return {
         "kernel_release": kernel_release(),
         "possible_cpus": len(possible_cpus()),
         "online_cpus": online_cpus(),
         "jit_enabled": jit_enabled(),
+        "jit_always_on": jit_always_on(),
         "bpf_usable": usable,
         "bpf_unusable_reason": reason,
         "features": features,

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backends.sim.observe import SIM_PROFILES, observe, observe_set
+from backends.sim.observe import FAULT_ROWS, observe, observe_set, sim_rows
+from schema import profiles as registry
 from schema.objectset import SetPlan, parse_attach, parse_reuse
 from toolchain.clang import Clang, CompileError, ToolchainError, compile_c
 from toolchain.elf import ObjectError
@@ -69,7 +70,8 @@ def _object_path(path: Path, clang_path: str | None) -> Path:
 
 
 def _add_common(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--profile", default="merged", help=f"one of: {', '.join(SIM_PROFILES)}")
+    cmd.add_argument("--profile", default="merged", help=f"one of: {', '.join([*registry.PROFILES, *FAULT_ROWS])}, "
+                     f"optionally with {', '.join('+' + m for m in registry.MODIFIERS)}")
     cmd.add_argument("--possible-cpus", type=int, default=4)
     cmd.add_argument("--online-cpus", help="cpulist, e.g. 0-3 or 0,2 (default: every possible CPU)")
     cmd.add_argument("--run", action="append", default=[], metavar="PROG@CPU[:COUNT]")
@@ -95,8 +97,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _online(args: argparse.Namespace) -> list[int]:
-    if args.profile not in SIM_PROFILES:
-        raise UsageError(f"unknown profile {args.profile!r} (known: {', '.join(SIM_PROFILES)})")
+    try:
+        sim_rows(args.profile)
+    except registry.UnknownProfile as e:
+        raise UsageError(str(e)) from None
     if args.possible_cpus < 1:
         raise UsageError(f"--possible-cpus must be at least 1, not {args.possible_cpus}")
     online = (parse_cpulist(args.online_cpus) if args.online_cpus is not None

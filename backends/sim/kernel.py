@@ -15,6 +15,7 @@ Map handles (what an ld_imm64 of a map fd yields) are unmapped addresses the hel
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from backends.objload import (
 )
 from backends.sim import verifier as vf
 from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, link_program, run
+from schema.profiles import UnknownProfile, join_modifiers, split_modifiers
 from toolchain.insn import Insn
 
 U32 = (1 << 32) - 1
@@ -78,6 +80,11 @@ MERGED_MESSAGES: dict[str, str] = {
     **BASE_MESSAGES,
     "const_str_percpu": "R%d points to percpu_array map which cannot be used as const string",  # [V]
 }
+# v1-v3 refused a per-CPU const string only after the read-only check, as "not an ARRAY", with EINVAL [V]
+V1_MESSAGES: dict[str, str] = {
+    **BASE_MESSAGES,
+    "const_str_percpu_late": "only array map supports direct string value access",
+}
 # What the x86-64 JIT makes of a helper call in the xlated program (privileged load), in instructions:
 # bpf_get_smp_processor_id becomes mov/per-CPU mov/load; an ARRAY lookup 7 and a PERCPU_ARRAY lookup 9
 # instructions [V, measured on 6.18]. The per-CPU forms need the JIT's per-CPU instruction [D].
@@ -94,24 +101,35 @@ class KernelProfile:
     messages: Mapping[str, str]
     inline_helpers: Mapping[int, int] = field(default_factory=dict)
     inline_map_lookup: Mapping[int, int] = field(default_factory=dict)
-    # the order map_direct_value_addr checks a per-CPU access in (revisions differ; only JIT-less arches tell)
-    percpu_direct_value_checks: tuple[str, ...] = ("max_entries", "offset", "jit")
+    # the order map_direct_value_addr checks a per-CPU access in: merged 7.3.4 asks the JIT first, v1-v3 last
+    # [V]; only JIT-less arches tell them apart
+    percpu_direct_value_checks: tuple[str, ...] = ("jit", "max_entries", "offset")
     # fault injection: a verifier that accepts per-CPU direct access but forgets the per-CPU move
     percpu_rewrite: bool = True
     # fault injection: BPF_LINK_CREATE of an extension succeeds but the target keeps calling its own function
     freplace: bool = True
     # some kernels refuse every extension program at BPF_PROG_LOAD, with EPERM and no log [measured: 6.18.44-fc]
     ext_programs: bool = True
+    # bpf_jit_enable (jit_requested): off, nothing is inlined and a program the per-CPU rewrite made
+    # jit_required is refused once verified [V: 7.3.4 fixups.c]
+    jit_enabled: bool = True
+    # extension programs get jit_requested, which bpf_check_attach_target demands [V]
+    ext_jit: bool = True
 
     @property
     def features(self) -> dict[str, bool]:
-        return {"percpu_data": self.percpu_direct_value and self.percpu_insn_jit, "bpf_f_cpu": self.bpf_f_cpu,
-                "percpu_insn_jit": self.percpu_insn_jit}
+        return {"percpu_data": self.percpu_direct_value and self.percpu_insn_jit and self.jit_enabled,
+                "bpf_f_cpu": self.bpf_f_cpu, "percpu_insn_jit": self.percpu_insn_jit,
+                "percpu_direct_value": self.percpu_direct_value, "jit": self.jit_enabled,
+                "freplace": self.ext_programs}
 
 
 KERNEL_PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (
         KernelProfile("patched", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS),
+        # the series' first revision: map_direct_value_addr checks max_entries and offset before the JIT [V]
+        KernelProfile("patched-v1", True, True, True, V1_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS,
+                      percpu_direct_value_checks=("max_entries", "offset", "jit")),
         # Linux <= 7.2, e.g. 6.18 here [V, measured]
         KernelProfile("unpatched", False, True, False, BASE_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS),
         # the patched kernel on an arch whose JIT has no per-CPU instruction: direct access is refused [V]
@@ -123,6 +141,25 @@ KERNEL_PROFILES: dict[str, KernelProfile] = {
                       X86_INLINE_LOOKUPS, freplace=False),
     )
 }
+
+
+# What each registry modifier (schema.profiles.MODIFIERS) changes in a simulated kernel.
+KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
+    "noext": {"ext_programs": False},  # BPF_PROG_TYPE_EXT refused at load (EPERM)
+    "jitoff": {"jit_enabled": False, "ext_jit": False},
+    "noextjit": {"ext_jit": False},
+}
+
+
+def kernel_row(name: str) -> KernelProfile:
+    """A kernel row by name, registry modifiers included: "patched+jitoff"."""
+    base, modifiers = split_modifiers(name)
+    if base not in KERNEL_PROFILES:
+        raise UnknownProfile(f"unknown simulated kernel {name!r} (known: {', '.join(KERNEL_PROFILES)})")
+    row = KERNEL_PROFILES[base]
+    for m in modifiers:
+        row = dataclasses.replace(row, name=join_modifiers(row.name, (m,)), **KERNEL_MODIFIERS[m])
+    return row
 
 
 class SimError(OSError):
@@ -203,7 +240,7 @@ class SimLink:
 class SimKernel:
     def __init__(self, profile: KernelProfile | str = "patched", *, possible_cpus: int = 4,
                  online: Sequence[int] | None = None) -> None:
-        self.profile = KERNEL_PROFILES[profile] if isinstance(profile, str) else profile
+        self.profile = kernel_row(profile) if isinstance(profile, str) else profile
         if possible_cpus < 1:
             raise ValueError(f"possible_cpus must be at least 1, not {possible_cpus}")
         self.possible_cpus = possible_cpus
@@ -423,7 +460,7 @@ class SimKernel:
 
         def attach_check() -> None:
             if target is not None:
-                _check_replaceable(target, attach_func or "")
+                _check_replaceable(target, attach_func or "", jit_requested=self.profile.ext_jit)
 
         try:
             verified = vf.verify(insns, profile=self.profile, map_by_fd=self.map_by_fd, addr_of=addr_of,
@@ -594,13 +631,16 @@ def _funcs(func_info: Sequence[FuncSpec], verified: vf.VerifiedProgram) -> dict[
     return {f.name: SimFunc(f.name, start(f.insn_off), f.exported) for f in func_info}
 
 
-def _check_replaceable(target: SimProg, func: str) -> int | None:
+def _check_replaceable(target: SimProg, func: str, *, jit_requested: bool = True) -> int | None:
     """bpf_check_attach_target for an extension: the function must be one of the target's, and global [D]."""
     if target.prog_type == "ext":
         raise vf.VerifierError(errno.EINVAL, "Cannot recursively attach", "verifier_other")
     found = target.funcs.get(func)
     if found is None:
         raise vf.VerifierError(errno.EINVAL, f"Subprog {func} doesn't exist", "verifier_other")
+    if not jit_requested:
+        # asked before the prototype check that refuses a static function [V: bpf_check_attach_target]
+        raise vf.VerifierError(errno.EINVAL, "Extension programs should be JITed", "jit_required")
     if not found.exported:
         # "Cannot replace static functions" only for a function whose BTF the verifier found unreliable; any
         # other static function fails the prototype check, which names it [measured on a 6.1 guest]

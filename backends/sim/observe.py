@@ -1,10 +1,10 @@
 """Observe a compiled object on the simulator: the result-schema document a real backend would produce.
 
 The loader (backends.objload) plays libbpf and the simulated kernel plays the kernel; which revision of each is
-a row of `SIM_PROFILES`. The sequence is libbpf's bpf_object__load: create the maps in order (writing each
-internal map's image and freezing `.rodata*` right after its creation), then load the programs in order,
-stopping at the first failure. A failed load leaves nothing loaded (libbpf tears the object down), so map
-contents and runs are then null.
+named by the profile registry (schema.profiles), or a fault row of `FAULT_ROWS`. The sequence is libbpf's
+bpf_object__load: create the maps in order (writing each internal map's image and freezing `.rodata*` right
+after its creation), then load the programs in order, stopping at the first failure. A failed load leaves
+nothing loaded (libbpf tears the object down), so map contents and runs are then null.
 
 `observe_set` does the same for an object set (docs/object-sets.md): every object into one kernel, in order,
 with maps reused by fd (bpf_map__reuse_fd) and extension programs attached to their targets (freplace).
@@ -35,7 +35,8 @@ from backends.objload import (
     reused_map_name,
 )
 from backends.sim.interp import BpfFault
-from backends.sim.kernel import KERNEL_PROFILES, KernelProfile, SimError, SimKernel
+from backends.sim.kernel import KernelProfile, SimError, SimKernel, kernel_row
+from schema import profiles as registry
 from schema.objectset import SetPlan
 from schema.result import (
     MAP_TYPE_NAMES,
@@ -52,29 +53,31 @@ from schema.result import (
 from toolchain.elf import ObjectFacts, read_object
 from toolchain.insn import BPF_DW, exit_insn, ld_map_value, ldx_mem
 
-# observation profile -> (loader profile, kernel profile)
-SIM_PROFILES: dict[str, tuple[str, str]] = {
-    "merged": ("merged", "patched"),
-    "v1": ("v1", "patched"),
-    "unpatched": ("old", "unpatched"),
-    "raw": ("raw", "patched"),
-    "raw-unpatched": ("raw", "unpatched"),
-    "merged-unpatched-kernel": ("merged", "unpatched"),
-    "merged-nojit": ("merged", "patched-nojit"),
-    # fault injection: a kernel that accepts per-CPU direct access but skips the per-CPU move
+# Deliberately broken rows, run with `--sim-profile` to see the suite catch them: name -> (loader row, kernel row).
+# They are predicted by the registry profile `merged`.
+FAULT_ROWS: dict[str, tuple[str, str]] = {
+    # a kernel that accepts per-CPU direct access but skips the per-CPU move
     "merged-norewrite": ("merged", "broken-norewrite"),
-    # fault injection (object sets): a libbpf that ignores bpf_map__reuse_fd, so every object creates and
-    # fills its own map
+    # object sets: a libbpf that ignores bpf_map__reuse_fd, so every object creates and fills its own map
     "merged-noreuse": ("broken-noreuse", "patched"),
-    # fault injection (object sets): a kernel whose freplace link succeeds but leaves the target calling its
-    # own function
+    # object sets: a kernel whose freplace link succeeds but leaves the target calling its own function
     "merged-nofreplace": ("merged", "broken-nofreplace"),
 }
 
-# kernel facts orthogonal to the feature, appended to a profile name as "+<modifier>" (a probed machine fact)
-KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
-    "noext": {"ext_programs": False},  # BPF_PROG_TYPE_EXT refused at load (EPERM)
-}
+
+def sim_rows(profile: str) -> tuple[LoaderProfile, KernelProfile]:
+    """The loader and kernel rows a profile name (modifiers included) or a fault row stands for."""
+    base, modifiers = registry.split_modifiers(profile)
+    if base in FAULT_ROWS:
+        loader_name, kernel_name = FAULT_ROWS[base]
+    else:
+        try:
+            row, _ = registry.lookup(profile)
+        except registry.UnknownProfile as e:
+            raise registry.UnknownProfile(f"{e}; or a fault row: {', '.join(FAULT_ROWS)}") from None
+        loader_name, kernel_name = row.loader_row, row.sim_kernel_row
+    return LOADER_PROFILES[loader_name], kernel_row(registry.join_modifiers(kernel_name, modifiers))
+
 
 # libbpf's program type from the section name; the simulator runs raw tracepoints, and extensions of them
 _PROG_TYPE_PREFIXES = {"raw_tp": "raw_tp", "raw_tracepoint": "raw_tp", "raw_tp.w": "raw_tp",
@@ -313,18 +316,10 @@ def _map_entries(prepared: PreparedObject, load: _Load | None, before: Sequence[
 
 
 class _Sim:
-    """One simulated kernel and the loader that loads into it, per a row of SIM_PROFILES."""
+    """One simulated kernel and the loader that loads into it, per `sim_rows`."""
 
     def __init__(self, profile: str, possible_cpus: int, online_cpus: list[int] | None) -> None:
-        base, *modifiers = profile.split("+")
-        if base not in SIM_PROFILES or any(m not in KERNEL_MODIFIERS for m in modifiers):
-            raise ValueError(f"unknown profile {profile!r} (known: {', '.join(SIM_PROFILES)}, each optionally with "
-                             f"{', '.join('+' + m for m in KERNEL_MODIFIERS)})")
-        loader_name, kernel_name = SIM_PROFILES[base]
-        self.loader: LoaderProfile = LOADER_PROFILES[loader_name]
-        kprofile: KernelProfile = KERNEL_PROFILES[kernel_name]
-        for m in modifiers:
-            kprofile = dataclasses.replace(kprofile, name=f"{kprofile.name}+{m}", **KERNEL_MODIFIERS[m])
+        self.loader, kprofile = sim_rows(profile)
         self.kernel = SimKernel(kprofile, possible_cpus=possible_cpus, online=online_cpus)
         self.env = new_env(profile, possible_cpus=possible_cpus, online_cpus=list(self.kernel.online),
                            features=kprofile.features, loader_profile=self.loader.name,

@@ -1186,6 +1186,8 @@ class Verifier:
             raise self.fail(errno.EACCES, self.msg("const_str_percpu", regno), "const_str_percpu")
         if not (m.flags & BPF_F_RDONLY_PROG and m.frozen):
             raise self.fail(errno.EACCES, f"R{regno} does not point to a readonly map'", "const_str_not_rdonly")
+        if m.type == BPF_MAP_TYPE_PERCPU_ARRAY and "const_str_percpu_late" in self.profile.messages:
+            raise self.fail(errno.EINVAL, self.msg("const_str_percpu_late"), "const_str_percpu")
         if m.type != BPF_MAP_TYPE_ARRAY:
             raise self.fail(errno.EACCES, self.msg("no_direct_value"), "no_direct_value_access")
         self.map_access(pc, regno, v, 0, 1, write=False)
@@ -1235,11 +1237,16 @@ class Verifier:
         moves = {pc + 1: isa.mov64_percpu_reg(insns[pc].dst, insns[pc].dst)
                  for pc, info in aux.items()
                  if info.kind == "value" and info.map.type == BPF_MAP_TYPE_PERCPU_ARRAY}
+        if moves and not self.profile.jit_enabled:
+            # the rewrite marks the program jit_required; bpf_fixup_call_args then refuses it [V: 7.3.4]
+            raise self.fail(errno.EINVAL, "program requires BPF JIT compiler but it is not available",
+                            "jit_required")
         if self.profile.percpu_rewrite and moves:
             insns, pos = rebuild(insns, insert_after=moves)
             self.positions = [pos[p] for p in self.positions]
         extra = 0
-        for pc, func in helpers.items():
+        # helpers and map lookups are inlined only for a program the JIT will compile (jit_requested)
+        for pc, func in helpers.items() if self.profile.jit_enabled else ():
             if func == BPF_FUNC_map_lookup_elem:
                 fds = lookups.get(pc, set())
                 if len(fds) == 1:  # one map on every path: the kernel inlines its lookup
