@@ -110,8 +110,12 @@ class KnownDivergence:
     # what pins a cascade of divergences to its cause
     requires: dict[str, Any] = field(default_factory=dict)
 
-    def applies(self, prop: str, env: dict[str, Any]) -> bool:
-        """The entry's property and environment filters hold: it could explain divergences here."""
+    def applies(self, prop: str, env: dict[str, Any], observed: dict[str, Any] | None = None) -> bool:
+        """The entry's property, environment and required-fact filters hold: it could explain divergences here.
+        (An entry that needs a fact applies only where the fact was observed: whether a generated example
+        reaches it is chance, and must not read as "did not reproduce".)"""
+        if self.requires and not _has_fact(observed, self.requires):
+            return False
         if not any(_glob(p).match(prop) for p in self.properties):
             return False
         if not _glob(self.profile).match(str(env.get("profile") or "")):
@@ -123,9 +127,7 @@ class KnownDivergence:
                     return False
         return True
 
-    def covers(self, d: Divergence, observed: dict[str, Any] | None = None) -> bool:
-        if self.requires and not _has_fact(observed, self.requires):
-            return False
+    def covers(self, d: Divergence) -> bool:
         return any(m.covers(d) for m in self.matches)
 
 
@@ -208,10 +210,10 @@ def triage(cmp: Comparison, observed: dict[str, Any], prop: str | None = None,
     chooses the entries that apply)."""
     prop = current_property() if prop is None else prop
     env = observed.get("env") or {}
-    applicable = [e for e in (register() if entries is None else entries) if e.applies(prop, env)]
+    applicable = [e for e in (register() if entries is None else entries) if e.applies(prop, env, observed)]
     out = Triage(applied=[e.id for e in applicable])
     for d in cmp.divergences:
-        entry = next((e for e in applicable if e.covers(d, observed)), None)
+        entry = next((e for e in applicable if e.covers(d)), None)
         if entry is None:
             out.unmatched.append(d)
         elif entry.id not in out.hits:
