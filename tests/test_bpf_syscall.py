@@ -294,14 +294,19 @@ def test_probes_return_types():
     assert facts["kernel_release"] == os.uname().release
     assert facts["possible_cpus"] == len(probes.possible_cpus())
     assert facts["online_cpus"] == probes.online_cpus()
-    assert set(facts["features"]) == {"percpu_data", "bpf_f_cpu", "percpu_insn_jit", "freplace"}
+    assert set(facts["features"]) == {"percpu_data", "percpu_direct_value", "bpf_f_cpu", "percpu_insn_jit",
+                                      "freplace", "jit"}
+    assert facts["features"]["jit"] is facts["jit_enabled"]
+    assert facts["jit_always_on"] in (True, False, None)
     assert all(v is None or isinstance(v, bool) for v in facts["features"].values())
 
 
 def test_probe_all_without_bpf_gives_none(monkeypatch):
     monkeypatch.setattr(probes, "bpf_usable", lambda: (False, "not root (euid 1000)"))
     facts = probes.probe_all()
-    assert facts["features"] == {"percpu_data": None, "bpf_f_cpu": None, "percpu_insn_jit": None, "freplace": None}
+    # the sysctl needs no bpf(): the JIT's state is still reported
+    assert facts["features"] == {"percpu_data": None, "percpu_direct_value": None, "bpf_f_cpu": None,
+                                 "percpu_insn_jit": None, "freplace": None, "jit": probes.jit_enabled()}
     assert facts["bpf_unusable_reason"] == "not root (euid 1000)"
 
 
