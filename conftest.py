@@ -11,8 +11,6 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from schema.cpulist import parse_cpulist
 
-BACKENDS = ("sim", "kernel", "vm")
-
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
                                                         HealthCheck.large_base_example]}
 settings.register_profile("dev", max_examples=25, **_COMMON)
@@ -29,8 +27,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("percpu-conformance")
-    g.addoption("--backend", action="append", choices=BACKENDS, default=None,
-                help="backend to observe with; repeatable (default: sim)")
+    g.addoption("--backend", action="append", default=None, metavar="CONFIG",
+                help="backend to observe with, repeatable: sim, kernel, vm, a column (kernel-raw, vm-libbpf-system) "
+                     "or kind:key=value,... (vm:loader=libbpf,libbpf=PATH). Default: sim, kernel and vm, each "
+                     "skipped with its reason when it cannot run here; a backend named here that cannot run "
+                     f"fails the run (exit {EXIT_BACKEND_UNAVAILABLE})")
     g.addoption("--profile", default="merged",
                 help="profile the prediction follows for the sim: merged (default), v1, unpatched, ...")
     g.addoption("--clang", default=None, help="clang binary (default: clang-19 or newer on PATH)")
@@ -38,21 +39,54 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--online-cpus", default=None, help="simulated online CPUs, cpulist (default: all possible)")
     g.addoption("--sim-profile", default=None,
                 help="simulator row to run instead of --profile's, e.g. a broken one (merged-norewrite)")
-    g.addoption("--libbpf", default=None, help="libbpf.so for the kernel backend (default: the system's)")
-    g.addoption("--loader", default=None, choices=("libbpf", "raw"),
-                help="kernel backend loader (default: both)")
+    g.addoption("--libbpf", default=None,
+                help="libbpf for the kernel and vm-libbpf columns: a libbpf.so path, system or stack "
+                     "(default: the system's on the host, the stack's in the vm)")
+    g.addoption("--loader", default=None, choices=("libbpf", "raw", "system"),
+                help="only this loader's columns (default: every loader)")
+    g.addoption("--stack", default=None, help="the provisioned stack the vm boots (default 7.3.4)")
+    g.addoption("--kernel-image", default=None, help="vm: boot this bzImage instead of the stack's")
+    g.addoption("--modules", default=None, help="vm: the kernel image's modules (a dir holding lib/modules/<rel>)")
+    g.addoption("--bpftool", default=None, help="vm: this bpftool instead of the stack's")
+    g.addoption("--vm-cpus", type=int, default=2, help="vm: online CPUs (default 2)")
+    g.addoption("--vm-maxcpus", type=int, default=3, help="vm: possible CPUs, more than online (default 3)")
+
+
+EXIT_BACKEND_UNAVAILABLE = 6  # pytest's own codes are 0-5
+DEFAULT_BACKENDS = ("sim", "kernel", "vm")
+
+
+def _column_configs(config: pytest.Config) -> list[tuple[str, str]]:
+    """(column name, configuration) of every column this run observes with."""
+    from suites.backends import column_name, expand
+
+    out = []
+    for text in config.getoption("--backend") or DEFAULT_BACKENDS:
+        for conf in expand(text, config.getoption("--loader")):
+            out.append((column_name(conf), conf))
+    return out
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Bad options stop the run at once with pytest's usage error (exit 4) and one line."""
     from schema.profiles import UnknownProfile, lookup
+    from suites.backends import ConfigError
 
     try:
         lookup(config.getoption("--profile"))
         if config.getoption("--online-cpus"):
             parse_cpulist(config.getoption("--online-cpus"))
-    except (UnknownProfile, ValueError) as e:
+        _column_configs(config)
+    except (UnknownProfile, ConfigError, ValueError) as e:
         raise pytest.UsageError(str(e)) from None
+    possible = config.getoption("--possible-cpus")
+    online = parse_cpulist(config.getoption("--online-cpus")) if config.getoption("--online-cpus") else [0]
+    if possible < 1 or any(c >= possible for c in online):
+        raise pytest.UsageError(f"--possible-cpus {possible} --online-cpus {config.getoption('--online-cpus')}: "
+                                f"want at least one possible CPU and online CPUs among 0..{possible - 1}")
+    if config.getoption("--vm-cpus") < 2 or config.getoption("--vm-maxcpus") < config.getoption("--vm-cpus"):
+        raise pytest.UsageError("--vm-cpus must be at least 2 (per-CPU behaviour must be visible) and "
+                                "--vm-maxcpus at least --vm-cpus")
 
 
 @dataclass(frozen=True)
@@ -71,16 +105,8 @@ def config(pytestconfig: pytest.Config) -> RunConfig:
     opt = pytestconfig.getoption
     possible = opt("--possible-cpus")
     online = tuple(parse_cpulist(opt("--online-cpus"))) if opt("--online-cpus") else tuple(range(possible))
-    if possible < 1 or not online or any(c >= possible for c in online):
-        raise pytest.UsageError(f"--online-cpus {online} must be a non-empty subset of 0..{possible - 1}")
-    from oracle.profiles import UnknownProfile, profile
-
-    try:
-        profile(opt("--profile"))
-    except UnknownProfile as e:
-        raise pytest.UsageError(str(e)) from None
-    return RunConfig(tuple(opt("--backend") or ("sim",)), opt("--profile"), opt("--clang"), possible, online,
-                     opt("--libbpf"), opt("--loader"))
+    return RunConfig(tuple(c for _, c in _column_configs(pytestconfig)), opt("--profile"), opt("--clang"),
+                     possible, online, opt("--libbpf"), opt("--loader"))
 
 
 @pytest.fixture(scope="session")
@@ -93,22 +119,26 @@ def clang(config: RunConfig):
         pytest.exit(f"toolchain: {e}", returncode=3)
 
 
-# Backends: each test that takes `backend` runs once per selected backend (kernel: once per loader).
-
-def _backend_ids(config: pytest.Config) -> list[str]:
-    ids = []
-    for name in config.getoption("--backend") or ("sim",):
-        if name == "kernel":
-            loader = config.getoption("--loader")
-            ids += [f"kernel-{loader}"] if loader else ["kernel-libbpf", "kernel-raw"]
-        else:
-            ids.append(name)
-    return ids
-
+# Backends: each test that takes `backend` runs once per column (a backend with one of its loaders).
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", _backend_ids(metafunc.config), indirect=True, scope="session")
+        columns = _column_configs(metafunc.config)
+        metafunc.parametrize("backend", [c for _, c in columns], ids=[n for n, _ in columns], indirect=True,
+                             scope="session")
+
+
+def _defaults(config: pytest.Config) -> dict[str, str]:
+    """The command line's settings, which a configuration's own settings override."""
+    opt = config.getoption
+    names = {"profile": "--profile", "possible": "--possible-cpus", "online": "--online-cpus",
+             "sim_profile": "--sim-profile", "libbpf": "--libbpf", "clang": "--clang", "stack": "--stack",
+             "kernel_image": "--kernel-image", "modules": "--modules", "bpftool": "--bpftool",
+             "vm_cpus": "--vm-cpus", "vm_maxcpus": "--vm-maxcpus"}
+    out = {key: str(opt(flag)) for key, flag in names.items() if opt(flag) is not None}
+    # a default vm column uses the stack as provisioned (make stack); a requested one provisions what is missing
+    out["provision"] = "yes" if config.getoption("--backend") else "no"
+    return out
 
 
 _BACKENDS: dict[str, object] = {}
@@ -116,24 +146,30 @@ _BACKENDS: dict[str, object] = {}
 
 @pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
-    from suites.backends import KernelBackend, SimBackend, Unavailable
+    from suites.backends import Unavailable, from_config
 
     key = request.param
     if key not in _BACKENDS:
         try:
-            if key == "sim":
-                _BACKENDS[key] = SimBackend(config.profile, config.possible_cpus, config.online_cpus,
-                                            sim_profile=request.config.getoption("--sim-profile"))
-            elif key.startswith("kernel-"):
-                _BACKENDS[key] = KernelBackend(key.removeprefix("kernel-"), config.libbpf, clang)
-            else:
-                raise Unavailable(f"{key} backend: not available in this version of the suite")
+            _BACKENDS[key] = from_config(key, _defaults(request.config))
         except Unavailable as e:
             _BACKENDS[key] = e
     found = _BACKENDS[key]
     if isinstance(found, Exception):
+        if request.config.getoption("--backend"):  # asked for by name: a run without it would lie
+            pytest.exit(f"backend {key}: {found}", returncode=EXIT_BACKEND_UNAVAILABLE)
         pytest.skip(str(found))
     return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Name each test's matrix column (its backend's): the report carries it to the matrix, skips included."""
+    from suites.backends import column_name
+
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "backend" in callspec.params:
+            item.user_properties.append(("column", column_name(callspec.params["backend"])))
 
 
 # The conformance matrix: rows are properties, columns backends; printed at the end of every run.
@@ -168,8 +204,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     name = report.nodeid.split("::")[-1]
     prop, _, param = name.partition("[")
     param = param.rstrip("]")
-    # the backend is the first parameter; corpus names and other parameters fold into one cell
-    column = next((b for b in ("kernel-libbpf", "kernel-raw", "sim", "vm") if param.startswith(b)), "oracle")
+    # the backend fixture names the column; corpus names and other parameters fold into one cell
+    column = next((str(v) for k, v in report.user_properties if k == "column"), "oracle")
     cell = _MATRIX.setdefault((report.nodeid.split("::")[0] + "::" + prop, column), {})
     outcome = "skipped" if report.skipped else report.outcome
     cell[outcome] = int(cell.get(outcome, 0)) + 1

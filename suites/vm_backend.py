@@ -36,7 +36,7 @@ class VmTarget:
     release: str | None
     stack: str | None  # the provisioned stack's name; None for a user's own kernel
     cpus: int = 2
-    maxcpus: int = 4
+    maxcpus: int = 3
 
 
 def resolve_target(*, stack: str | None, kernel_image: Path | None, modules: Path | None, libbpf: Path | None,

@@ -282,8 +282,20 @@ def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, An
     raise ValueError(f"unknown request kind {kind!r}")
 
 
-def serve(directory: Path) -> int:
+def _take_offline(keep: int) -> None:
+    """Leave CPUs 0..keep-1 online: the others stay possible (per-CPU slots) but can run nothing."""
+    from backends.kernel import probes
+
+    for cpu in probes.online_cpus():
+        if cpu >= keep:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/online", "w") as f:
+                f.write("0")
+
+
+def serve(directory: Path, online: int | None = None) -> int:
     libbpfs: dict[str | None, Any] = {}
+    if online is not None:
+        _take_offline(online)
     kmsg = KernelLog()
     guest = _guest_facts()
     _say(f"kernel {guest['kernel_release']}, serving {directory}")
@@ -313,12 +325,15 @@ def serve(directory: Path) -> int:
 def main(argv: list[str]) -> int:
     persistent = argv[:1] == ["--serve"]
     argv = argv[1:] if persistent else argv
+    online = None
+    if persistent and argv[1:2] == ["--online"] and len(argv) == 3 and argv[2].isdigit():
+        argv, online = argv[:1], int(argv[2])
     if len(argv) != 1:
-        print("usage: python -m backends.vm.agent [--serve] DIR", file=sys.stderr)
+        print("usage: python -m backends.vm.agent [--serve DIR [--online N] | DIR]", file=sys.stderr)
         return 2
     directory = Path(argv[0])
     try:
-        return serve(directory) if persistent else run(directory)
+        return serve(directory, online) if persistent else run(directory)
     except Exception as e:
         traceback.print_exc()  # lands on the guest console, which the host keeps
         with contextlib.suppress(OSError):

@@ -38,7 +38,7 @@ class GuestFailure(VmError):
 
 class VmMachine:
     """One persistent guest booted from `config.kernel_image`, with `maxcpus` possible CPUs of which
-    `config.cpus` come online (QEMU `-smp cpus,maxcpus=`): per-CPU images must reach CPUs that cannot run."""
+    `config.cpus` stay online: per-CPU images must reach CPUs that cannot run."""
 
     def __init__(self, config: VmConfig, maxcpus: int | None = None) -> None:
         self.session = VmSession(config)  # checks the image, QEMU, busybox, vng and chooses the accelerator
@@ -61,11 +61,14 @@ class VmMachine:
 
     def command(self, scratch: Path) -> list[str]:
         guest = shlex.join(["env", f"PYTHONPATH={PROJECT_ROOT}", "PYTHONDONTWRITEBYTECODE=1",
-                            str(self.session.python), "-m", "backends.vm.agent", "--serve", str(scratch)])
+                            str(self.session.python), "-m", "backends.vm.agent", "--serve", str(scratch),
+                            "--online", str(self.config.cpus)])
         argv = self.session.command(scratch, self.session._stage_kernel(scratch))
         argv[argv.index("--exec") + 1] = guest
-        cpus = argv.index("--cpus") + 1
-        argv[cpus] = f"{self.config.cpus},maxcpus={self.maxcpus}"  # vng passes it to -smp as it is
+        # Boot every possible CPU and let the agent take the extra ones offline: QEMU's hotpluggable CPUs
+        # (-smp N,maxcpus=M) are not possible CPUs to kernels whose topology code ignores disabled MADT
+        # entries (7.3: "Allowing 2 present CPUs plus 0 hotplug CPUs"), while an offlined CPU stays possible.
+        argv[argv.index("--cpus") + 1] = str(self.maxcpus)
         return argv
 
     @property
