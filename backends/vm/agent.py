@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import sys
 import time
@@ -254,6 +255,17 @@ def _verifier_case(req: dict[str, Any]) -> dict[str, Any]:
     return observe_kernel(from_jsonable(req["case"]), [(int(c), int(n)) for c, n in req.get("runs", ())])
 
 
+def _remember_facts(req: dict[str, Any]) -> None:
+    """Take the host's reading of each object (a pickled toolchain.elf.ObjectFacts): parsing an ELF file in
+    Python costs more than the whole kernel side of an observation under emulation."""
+    from toolchain.elf import remember
+
+    objects = req["objects"] if "objects" in req else [req["object"]]
+    for obj, facts in zip(objects, req.get("facts") or (), strict=False):
+        with open(facts, "rb") as f:
+            remember(obj, pickle.load(f))
+
+
 def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
     kind = req.get("kind")
     _set_jit(req.get("jit"))
@@ -265,6 +277,7 @@ def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, An
             facts["libbpf_path"] = libbpfs[req.get("libbpf")].path
         return {"probe": facts}
     if kind in ("observe", "observe_set"):
+        _remember_facts(req)
         doc = _observe(req, libbpfs)
         for d in [doc, *doc.get("objects", ())]:
             d["source"] = "vm"
