@@ -50,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bpftool", default=None, help="vm: this bpftool instead of the stack's")
     g.addoption("--vm-cpus", type=int, default=2, help="vm: online CPUs (default 2)")
     g.addoption("--vm-maxcpus", type=int, default=3, help="vm: possible CPUs, more than online (default 3)")
+    g.addoption("--vm-examples", type=int, default=10,
+                help="examples per property on a vm column, where emulation costs 15-50x (default 10; 0: as many "
+                     "as the Hypothesis profile says)")
 
 
 EXIT_BACKEND_UNAVAILABLE = 6  # pytest's own codes are 0-5
@@ -160,6 +163,25 @@ def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
             pytest.exit(f"backend {key}: {found}", returncode=EXIT_BACKEND_UNAVAILABLE)
         pytest.skip(str(found))
     return found
+
+
+@pytest.fixture(autouse=True)
+def _vm_examples(request: pytest.FixtureRequest):
+    """A property runs fewer examples on a vm column than on the host's (--vm-examples): Hypothesis reads a
+    test's settings when it is called, so they are swapped for the call and restored after it."""
+    callspec = getattr(request.node, "callspec", None)
+    wanted = request.config.getoption("--vm-examples")
+    test = request.function
+    current = getattr(test, "_hypothesis_internal_use_settings", None)
+    if (callspec is None or not str(callspec.params.get("backend", "")).startswith("vm") or not wanted
+            or current is None or current.max_examples <= wanted):
+        yield
+        return
+    test._hypothesis_internal_use_settings = settings(current, max_examples=wanted)
+    try:
+        yield
+    finally:
+        test._hypothesis_internal_use_settings = current
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from generators.ctype import init_slots, round_up
-from generators.model import JMP_TABLE, ProgramModel, Run, Variable
+from generators.model import JMP_TABLE, Function, ProgramModel, Run, TailCall, Variable, walk_ops
 from oracle.profiles import (
     BPF_F_MMAPABLE,
     BPF_F_RDONLY_PROG,
@@ -271,6 +271,10 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
             verdicts[f.name] = ("rejected", EINVAL, "map_not_created",
                                 f"BPF map '{missing}' is referenced but wasn't created")
             failed = True
+        elif not kernel.tail_calls_with_subprogs and _mixes_tail_calls_and_subprogs(facts, model, f):
+            # refused while verifying, at the bpf_tail_call site: before the fixups that need the JIT
+            verdicts[f.name] = ("rejected", EINVAL, "tail_call_with_subprogs", kernel.tail_call_subprogs_message)
+            failed = True
         elif touched and not kernel.jit_enabled:
             # verified, then refused by bpf_fixup_call_args: the per-CPU rewrite made it jit_required [V: 7.3.4]
             verdicts[f.name] = ("rejected", EINVAL, "jit_required", kernel.jit_required_message)
@@ -296,6 +300,14 @@ def _sections_referenced(facts: ObjectFacts, program: str, model: ProgramModel) 
         if any(fn in names for fn, _ in referencing_relocations(facts, section)):
             out.add(section)
     return out
+
+
+def _mixes_tail_calls_and_subprogs(facts: ObjectFacts, model: ProgramModel, program: Function) -> bool:
+    """The program tail-calls and, as clang emitted it, calls a subprogram (so the verifier sees more than one
+    subprogram). Calls clang dropped or inlined do not count: the object decides, not the model."""
+    if not any(isinstance(op, TailCall) for op in walk_ops(program.ops)):
+        return False
+    return any(insn.is_pseudo_call for insn in facts.function(program.name).insns)
 
 
 def _callees(model: ProgramModel, name: str) -> set[str]:

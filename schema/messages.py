@@ -25,6 +25,7 @@ CLASSES: dict[str, str] = {
     "freplace_static_target": "an extension program whose target function is not global (EINVAL)",
     "prog_type_refused": "the kernel refuses the program type itself, before verification (EPERM, empty log)",
     "jit_required": "the JIT is off and the program needs it: per-CPU data (after verification), an extension (EINVAL)",
+    "tail_call_with_subprogs": "the JIT is off: a program with bpf-to-bpf calls may not tail-call (EINVAL, verifier)",
     "e2big": "map creation refused: round_up(value_size, 8) above the per-CPU allocator's 32 KiB",
     "sim_unsupported": "outside what the simulator models (never a guess)",
     "runtime_fault": "the simulator's interpreter faulted at run time",
@@ -53,6 +54,7 @@ PATTERNS: tuple[tuple[re.Pattern[str], int | None, str], ...] = tuple((re.compil
     (r"\(\) is not a global function", None, "freplace_static_target"),
     (r"program requires BPF JIT compiler but it is not available", None, "jit_required"),
     (r"Extension programs should be JITed", None, "jit_required"),
+    (r"mixing of tail_calls and bpf-to-bpf calls is not supported", None, "tail_call_with_subprogs"),
 ))
 
 

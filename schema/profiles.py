@@ -96,9 +96,9 @@ MODIFIERS: Mapping[str, Modifier] = {m.name: m for m in (
     Modifier(name="jitoff", feature="jit", selected_when=False, lowered="noextjit",
              summary="the JIT disabled (net.core.bpf_jit_enable=0): only the interpreter runs programs"),
     # what the JIT being off means to a rendering without per-CPU data (the lowered one): its map lookups need
-    # no JIT, its extension programs do
+    # no JIT, its extension programs and its tail calls beside bpf-to-bpf calls do
     Modifier(name="noextjit", feature=None, selected_when=False, lowered="noextjit",
-             summary="extension programs refused for want of the JIT (EINVAL); per-CPU data unaffected"),
+             summary="extensions and tail calls beside subprograms refused for want of the JIT; per-CPU data fine"),
 )}
 
 

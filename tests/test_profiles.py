@@ -278,3 +278,30 @@ def test_sim_jit_off_refuses_extension_programs(clang):
         ext = [p for o in observed["objects"] for p in o["programs"] if p["name"] == "b_ext"]
         assert [(p["verdict"], p["errno"], p["message_class"], p["message"]) for p in ext] == \
             [("rejected", errno.EINVAL, "jit_required", "Extension programs should be JITed")]
+
+
+def _tail_call_beside_a_subprogram():
+    from generators.ctype import Scalar
+    from generators.model import Access, Add, Call, Function, ProgramModel, Run, Store, TailCall, Variable
+
+    vs = (Variable("hits", Scalar("u32"), ".bss"),)
+    helper = Function("bump", (Add(Access("hits"), 1),), subprogram=True)
+    caller = Function("prog0", (Call("bump"), TailCall("prog1"), Store(Access("hits"), 7)))
+    callee = Function("prog1", (Add(Access("hits"), 1),))
+    return ProgramModel("tailsub", vs, (helper, caller, callee), (Run("prog0", 0, 1),))
+
+
+@pytest.mark.parametrize("name", ["raw-patched+jitoff", "merged+jitoff", "merged+noextjit", "raw-patched"])
+def test_a_tail_call_beside_a_subprogram_needs_the_jit(clang, name):
+    """The interpreter cannot mix tail calls and bpf-to-bpf calls: with the JIT off the verifier refuses the
+    tail-calling program at the bpf_tail_call site (found against a 7.3.4 guest); both models agree."""
+    model = _tail_call_beside_a_subprogram()
+    compiled = compile_global(clang, model)
+    expected = predict(model, compiled.facts, oracle_profiles.profile(name), possible_cpus=2, online_cpus=[0, 1])
+    observed = observe(compiled.path, profile=name, possible_cpus=2, online_cpus=[0, 1], runs=runs_of(model))
+    jit_off = name != "raw-patched"
+    for doc in (expected, observed):
+        prog0 = next(p for p in doc["programs"] if p["name"] == "prog0")
+        assert (prog0["verdict"], prog0["message_class"]) == (
+            ("rejected", "tail_call_with_subprogs") if jit_off else ("accepted", None)), doc["source"]
+    assert compare(expected, observed).ok

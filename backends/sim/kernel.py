@@ -115,6 +115,8 @@ class KernelProfile:
     jit_enabled: bool = True
     # extension programs get jit_requested, which bpf_check_attach_target demands [V]
     ext_jit: bool = True
+    # bpf_tail_call in a program of several subprograms needs jit_requested [V: 7.3.4 verifier.c, measured]
+    tail_calls_with_subprogs: bool = True
 
     @property
     def features(self) -> dict[str, bool]:
@@ -146,8 +148,8 @@ KERNEL_PROFILES: dict[str, KernelProfile] = {
 # What each registry modifier (schema.profiles.MODIFIERS) changes in a simulated kernel.
 KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
     "noext": {"ext_programs": False},  # BPF_PROG_TYPE_EXT refused at load (EPERM)
-    "jitoff": {"jit_enabled": False, "ext_jit": False},
-    "noextjit": {"ext_jit": False},
+    "jitoff": {"jit_enabled": False, "ext_jit": False, "tail_calls_with_subprogs": False},
+    "noextjit": {"ext_jit": False, "tail_calls_with_subprogs": False},
 }
 
 

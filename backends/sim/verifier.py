@@ -557,6 +557,7 @@ class Verifier:
         self.lookup_sites: dict[int, set[int]] = {}  # helper call pc -> fds of the maps it looked up
         self.helper_sites: dict[int, int] = {}  # call pc -> helper id
         self.xlated_known = True
+        self.subprog_count = 1  # the main program and its bpf-to-bpf callees, set by the CFG check
         self.positions: list[int] = list(range(len(self.insns) + 1))  # filled in by rewrite
 
     def fail(self, err: int, message: str, message_class: str) -> VerifierError:
@@ -1135,6 +1136,10 @@ class Verifier:
         elif func == BPF_FUNC_get_smp_processor_id:
             ret = urange(0, self.nr_cpu_ids - 1)  # do_refine_retval_range [D]
         elif func == BPF_FUNC_tail_call:
+            if self.subprog_count > 1 and not self.profile.tail_calls_with_subprogs:
+                # bpf_allow_tail_call_in_subprogs wants jit_requested: the interpreter cannot mix them
+                raise self.fail(errno.EINVAL, "mixing of tail_calls and bpf-to-bpf calls is not supported",
+                                "tail_call_with_subprogs")
             ctx = self.read_reg(frames, 1)
             if not isinstance(ctx, Ptr) or ctx.kind != CTX or ctx.off:
                 raise self.fail(errno.EACCES, f"R1 type={type_name(ctx)} expected=ctx", "verifier_other")
@@ -1302,6 +1307,7 @@ def verify(insns: Sequence[Insn], *, profile: KernelProfile, map_by_fd: Callable
     v.check_structure()
     v.resolve_ldimm64()
     starts = v.check_cfg()
+    v.subprog_count = len(starts)
     if attach_check is not None:
         try:
             attach_check()

@@ -220,17 +220,73 @@ class KernelLog:
         return lines
 
 
-def _set_jit(enabled: bool | None) -> None:
-    """Switch the JIT (net.core.bpf_jit_enable) for the requests that follow; probes are cached per state."""
-    from backends.kernel import observe, probes
+def _set_jit(enabled: bool) -> None:
+    """Switch the JIT (net.core.bpf_jit_enable) for the requests that follow."""
+    from backends.kernel import probes
 
-    if enabled is None or probes.jit_enabled() == enabled:
+    if probes.jit_enabled() == enabled:
         return
     with open("/proc/sys/net/core/bpf_jit_enable", "w") as f:
         f.write("1" if enabled else "0")
     if probes.jit_enabled() != enabled:
         raise RuntimeError(f"bpf_jit_enable did not become {int(enabled)} (CONFIG_BPF_JIT_ALWAYS_ON?)")
-    observe.kernel_features.cache_clear()
+
+
+class JitWorker:
+    """A child that observes with the JIT in one state only. libbpf keeps its feature probes for the life of
+    the process, and so does the kernel backend: a process that saw the JIT on would answer for it when it is
+    off. So each state has its own process, forked before any libbpf is loaded, as a user's fresh process."""
+
+    def __init__(self, jit: bool) -> None:
+        self.jit = jit
+        parent_in, child_out = os.pipe()
+        child_in, parent_out = os.pipe()
+        sys.stdout.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(parent_in)
+            os.close(parent_out)
+            code = 0
+            try:
+                self._serve(os.fdopen(child_in, "r"), os.fdopen(child_out, "w"))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        os.close(child_in)
+        os.close(child_out)
+        self.reader = os.fdopen(parent_in, "r")
+        self.writer = os.fdopen(parent_out, "w")
+
+    @staticmethod
+    def _serve(requests: Any, answers: Any) -> None:  # noqa: ANN401 - text files
+        libbpfs: dict[str | None, Any] = {}
+        for line in requests:
+            req = json.loads(line)
+            try:
+                answer = _answer(req, libbpfs)
+            except Exception as e:  # one bad request must not end the worker
+                answer = {"error": {"type": type(e).__name__, "message": " ".join(str(e).split())}}
+            answers.write(json.dumps(answer) + "\n")
+            answers.flush()
+
+    def ask(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.writer.write(json.dumps(req) + "\n")
+        self.writer.flush()
+        line = self.reader.readline()
+        if not line:
+            _, status = os.waitpid(self.pid, 0)
+            raise RuntimeError(f"the guest worker (JIT {'on' if self.jit else 'off'}) ended with wait status "
+                               f"{status}")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.writer.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
 def _libbpf_knows_percpu(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> bool:
@@ -268,7 +324,6 @@ def _remember_facts(req: dict[str, Any]) -> None:
 
 def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
     kind = req.get("kind")
-    _set_jit(req.get("jit"))
     if kind == "probe":  # the guest's facts; with "object", what the requested libbpf makes of .percpu
         facts = _guest_facts()
         if req.get("loader", "libbpf") == "libbpf" and req.get("object"):
@@ -306,7 +361,10 @@ def _take_offline(keep: int) -> None:
 
 
 def serve(directory: Path, online: int | None = None) -> int:
-    libbpfs: dict[str | None, Any] = {}
+    from backends.kernel import probes
+
+    workers: dict[bool, JitWorker] = {}
+    default_jit = probes.jit_enabled() is not False
     if online is not None:
         _take_offline(online)
     kmsg = KernelLog()
@@ -321,13 +379,20 @@ def serve(directory: Path, online: int | None = None) -> int:
             continue
         req = json.loads(path.read_text())
         if req.get("kind") == "shutdown":
+            for worker in workers.values():
+                worker.close()
             _write(directory, {"ok": True}, f"resp-{seq}.json")
             return 0
         start = time.monotonic()
         kmsg.drain()
+        jit = default_jit if req.get("jit") is None else bool(req["jit"])
         try:
-            answer = _answer(req, libbpfs)
+            _set_jit(jit)
+            if jit not in workers:
+                workers[jit] = JitWorker(jit)
+            answer = workers[jit].ask(req)
         except Exception as e:  # one bad request must not end the agent
+            workers.pop(jit, None)  # a worker that died is forked anew for the next request
             answer = {"error": {"type": type(e).__name__, "message": " ".join(str(e).split())}}
         answer["kernel_log"] = [ln for ln in kmsg.drain() if SPLAT.search(ln)]
         answer["seconds"] = round(time.monotonic() - start, 4)
