@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf1 libbpf-dev python3-venv gcc libc6-dev)
-# `setup.sh vm`: what the VM backend needs as well (QEMU, busybox for the guest's init, Debian's generic kernel)
+# `setup.sh vm`: what the VM backend needs as well (QEMU, busybox for the guest's init, file for virtme-ng); the
+# kernel it boots is the provisioned stack's (`setup.sh stack`)
 if [ "${1:-}" = vm ]; then
-  APT_PACKAGES+=(qemu-system-x86 busybox-static linux-image-amd64 file)
+  APT_PACKAGES+=(qemu-system-x86 busybox-static file)
 fi
 # `setup.sh stack`: what provisioning the real stack needs (apt-get download, dpkg-deb, depmod, the libbpf and
 # bpftool builds); the packages themselves are only unpacked into the cache, never installed

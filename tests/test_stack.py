@@ -273,11 +273,13 @@ def test_failing_build_leaves_no_manifest(tmp_path: Path) -> None:
     with pytest.raises(StackUnavailable) as refused:
         stack.stack_paths("fake", pins_file=pins_file, provision=False)
     assert refused.value.step == "not-provisioned" and refused.value.exit_code == stack.EXIT_NOT_PROVISIONED
+    # a run that only uses the stack (a default vm column) names why it is missing
+    assert "make -C tools/lib/bpf failed (exit 2)" in str(refused.value)
 
 
 def test_not_provisioned_exits_4() -> None:
     line = _one_line_failure(_cli("paths", "--no-provision"), stack.EXIT_NOT_PROVISIONED)
-    assert "stack 7.3.4 is not provisioned" in line and "scripts/setup.sh stack" in line
+    assert "stack 7.3.4 is not provisioned" in line and "never provisioned" in line and "make stack" in line
 
 
 @pytest.mark.parametrize("option", ["--kernel-image", "--libbpf", "--bpftool", "--modules"])

@@ -642,6 +642,9 @@ def _write_manifest(layout: _Layout, pins: StackPins, debs: Mapping[str, Path], 
     os.replace(scratch, layout.manifest)
 
 
+FAILURE_NOTE = "provision-failed"  # the last provisioning's one-line reason, until one succeeds
+
+
 def stack_paths(name: str = DEFAULT_STACK, *, kernel_image: Path | None = None, modules: Path | None = None,
                 libbpf: Path | None = None, bpftool: Path | None = None, provision: bool = True,
                 pins_file: Path | None = None, log: Log = _stderr) -> StackPaths:
@@ -650,13 +653,21 @@ def stack_paths(name: str = DEFAULT_STACK, *, kernel_image: Path | None = None, 
     pins = load_pins(name, pins_file)
     overrides = _check_overrides(kernel_image, modules, libbpf, bpftool)
     stack_dir = cache_root() / "stack" / name
+    failed = stack_dir / FAILURE_NOTE
     if provision:
-        paths = provision_stack(pins, stack_dir, log)
+        try:
+            paths = provision_stack(pins, stack_dir, log)
+        except StackUnavailable as e:  # kept, so a run that only uses the stack can say why it is missing
+            stack_dir.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{e}\n")
+            raise
+        failed.unlink(missing_ok=True)
     else:
         found = _verified(_Layout(stack_dir), pins)
         if found is None:
-            raise StackUnavailable("not-provisioned", f"stack {name} is not provisioned in {stack_dir}; "
-                                   "run: bash scripts/setup.sh stack")
+            why = failed.read_text().strip() if failed.is_file() else "never provisioned"
+            raise StackUnavailable("not-provisioned", f"stack {name} is not provisioned in {stack_dir} ({why}); "
+                                   "run: make stack")
         paths = found
     return _with_overrides(paths, overrides)
 
