@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from toolchain.clang import Clang
+
 RESULTS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def clang():
+    return Clang.find()
+
+
+@pytest.fixture(scope="session")
+def models():
+    from bench.test_bench import N_MODELS, fixed_models
+
+    return fixed_models(N_MODELS)
+
+
+@pytest.fixture
+def cold_cache(monkeypatch, tmp_path):
+    """Every round compiles for real: the cache would otherwise make the pipeline faster than clang."""
+    def fresh():
+        monkeypatch.setenv("PERCPU_CACHE", tempfile.mkdtemp(dir=tmp_path))
+    return fresh
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from suites.gate import sample_models
 from suites.sets import compile_set, sample_sets, set_plan
 from suites.sets import predict_for as predict_set_for
 from suites.support import compile_global, predict_for, runs_of
-from toolchain.clang import Clang, compile_c
+from toolchain.clang import compile_c
 
 N_MODELS = int(os.environ.get("PERCPU_BENCH_MODELS", "40"))
 N_LEAK = int(os.environ.get("PERCPU_BENCH_LEAK_EXAMPLES", "5000"))
@@ -30,24 +29,6 @@ N_LEAK = int(os.environ.get("PERCPU_BENCH_LEAK_EXAMPLES", "5000"))
 
 def fixed_models(n: int, cpus: tuple[int, ...] = (0, 1)) -> list[ProgramModel]:
     return sample_models(n, cpus)
-
-
-@pytest.fixture(scope="module")
-def clang():
-    return Clang.find()
-
-
-@pytest.fixture(scope="module")
-def models():
-    return fixed_models(N_MODELS)
-
-
-@pytest.fixture
-def cold_cache(monkeypatch, tmp_path):
-    """Every round compiles for real: the cache would otherwise make the pipeline faster than clang."""
-    def fresh():
-        monkeypatch.setenv("PERCPU_CACHE", tempfile.mkdtemp(dir=tmp_path))
-    return fresh
 
 
 def _clang_floor(clang, models) -> float:

@@ -33,6 +33,7 @@ class Unavailable(RuntimeError):
 
 class Backend(Protocol):
     name: str
+    config: str  # the configuration string that builds it again (from_config), paths included
     profile: str  # the oracle profile its observations are predicted by
     possible_cpus: int
     online_cpus: tuple[int, ...]
@@ -59,6 +60,15 @@ class SimBackend:
     def modifiers(self) -> str:
         """The kernel facts beside the feature this simulated kernel has, as profile suffixes ("+noext")."""
         return registry.join_modifiers("", registry.split_modifiers(self.profile)[1])
+
+    @property
+    def config(self) -> str:
+        """The configuration that builds this backend again (`from_config`)."""
+        from schema.cpulist import format_cpulist
+
+        extra = f",sim_profile={self.sim_profile}" if self.sim_profile else ""
+        return (f"sim:profile={self.profile},possible={self.possible_cpus},"
+                f"online={format_cpulist(list(self.online_cpus))}{extra}")
 
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         from backends.sim.observe import observe
@@ -107,6 +117,21 @@ class KernelBackend:
         # oracle predicts with, not skips; the observation's env.profile comes from the same rule
         self.profile = registry.profile_for_probe(self.loader, knows, facts["features"])
         self.modifiers = registry.join_modifiers("", registry.split_modifiers(self.profile)[1])
+        from backends.kernel.observe import bpftool_version
+
+        lib = self.libbpf if self.loader == "libbpf" else None
+        self.env = {"kernel_release": facts["kernel_release"], "libbpf": lib.version if lib else None,
+                    "libbpf_path": lib.path if lib else None, "bpftool": bpftool_version(),
+                    "features": facts["features"], "jit_enabled": facts.get("jit_enabled"),
+                    "possible_cpus": self.possible_cpus, "online_cpus": list(self.online_cpus),
+                    "accelerator": "none (this machine's kernel)"}
+
+    @property
+    def config(self) -> str:
+        """The configuration that builds this backend again (`from_config`), with the libbpf it really loaded."""
+        if self.loader == "raw":
+            return "kernel:loader=raw"
+        return f"kernel:loader=libbpf,libbpf={self.libbpf.path}"
 
     @functools.cached_property
     def libbpf(self):  # noqa: ANN201 - backends.kernel.libbpf.Libbpf, imported lazily

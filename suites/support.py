@@ -104,8 +104,13 @@ class BundleError(OSError):
 
 
 def backend_meta(backend) -> dict:  # noqa: ANN001 - suites.backends.Backend
-    return {"backend": backend.name, "profile": backend.profile, "possible_cpus": backend.possible_cpus,
-            "online_cpus": list(backend.online_cpus), "sim_profile": getattr(backend, "sim_profile", None)}
+    """What a replay needs to build the same backend and to tell whether its environment is the recorded one."""
+    env = getattr(backend, "env", None) or {}
+    return {"backend": backend.name, "config": backend.config, "profile": backend.profile,
+            "possible_cpus": backend.possible_cpus, "online_cpus": list(backend.online_cpus),
+            "sim_profile": getattr(backend, "sim_profile", None),
+            "environment": {k: env.get(k) for k in ("kernel_release", "libbpf", "libbpf_path", "stack")
+                            if env.get(k) is not None}}
 
 
 def assert_same(name: str, compiled: Compiled, expected: Result, observed: Result,

@@ -155,6 +155,18 @@ class VmBackend:
                     "possible_cpus": self.possible_cpus, "online_cpus": list(self.online_cpus),
                     "boot_seconds": self.machine.boot_seconds}
 
+    @property
+    def config(self) -> str:
+        """The configuration that builds this backend again (`from_config`), every path included."""
+        t = self.target
+        parts = [f"loader={self.loader}", f"jit={'on' if self.jit else 'off'}", f"stack={t.stack}",
+                 f"kernel_image={t.kernel_image}", f"cpus={t.cpus}", f"maxcpus={t.maxcpus}"]
+        if t.modules is not None:
+            parts.append(f"modules={t.modules}")
+        if self.loader == "libbpf" and self.libbpf_path:
+            parts.append(f"libbpf={self.libbpf_path}")
+        return "vm:" + ",".join(parts)
+
     def _loader(self) -> registry.Loader:
         return "raw" if self.loader == "raw" else "libbpf"
 
@@ -199,7 +211,7 @@ class VmBackend:
 
     def _guest_failed(self, message: str, console: str, what: Compiled | None) -> GuestFailed:
         where = ""
-        if what is not None:
+        if what is not None and what.model is not None:  # a CLI observation has no model to keep
             root = write_bundle(f"guest-{self.name}", what, {}, f"layer kernel: {message}",
                                 {"console.txt": console + "\n"}, {**backend_meta(self), "check": "guest"})
             where = f"; bundle {root}"

@@ -39,7 +39,7 @@ __all__ = [
 
 DEFAULT_STACK = "7.3.4"
 PINS_FILE = Path(__file__).with_name("stacks.toml")
-CACHE_ENV = "PERCPU_CACHE"
+CACHE_ENV = "PERCPU_STACK_CACHE"  # apart from the compile cache (PERCPU_CACHE), which benchmarks make cold
 SYSTEM_SOURCES = Path("/etc/apt")
 MANIFEST = "manifest.json"
 PIECE_STAMP = ".piece.json"  # inside each finished piece: the packages it was made from

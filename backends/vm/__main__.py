@@ -1,17 +1,23 @@
-"""Command line of the VM backend.
+"""Command line of the VM backend. Both `run` and `probe` boot the provisioned stack (Linux 7.3.4, libbpf 1.8.0)
+unless told otherwise, building whatever of it is missing.
 
+    python -m backends.vm run FILE.{c,o} [--loader libbpf|raw|system] [--run PROG@CPU[:COUNT] ...] [--jit on|off]
+                              [--stack NAME | --kernel-image PATH --modules DIR] [--libbpf PATH] [--clang PATH]
+    python -m backends.vm probe [--loader libbpf|raw|system] [--jit on|off] [--stack NAME | --kernel-image ...]
     python -m backends.vm smoke [--kernel-image PATH] [--modules DIR] [--vm-cpus N] [--vm-memory M]
                                 [--vm-timeout S] [--clang PATH]
 
-`smoke` boots the image once and observes a small built-in object through both loaders on every guest CPU, then
-prints the guest kernel, the accelerator, the seconds and what each observation saw. Every failure is one line on
-stderr and an exit code: 1 an observation that came back wrong, 2 bad input, 3 toolchain, 4 the VM backend is
-unavailable here, 5 the guest failed (the end of its console follows the line).
+`run` prints one observation in the result schema; `probe` the guest's release, libbpf, features, possible and
+online CPUs and the profile they select; `smoke` boots an image once and observes a built-in object through both
+loaders on every guest CPU. Every failure is one line on stderr and an exit code: 1 an observation that came back
+wrong, 2 bad input, 3 toolchain, 4 the VM backend is unavailable here, 5 the guest failed (the end of its console
+follows the line).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +63,23 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m backends.vm", description="run the kernel backend inside a booted kernel image")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in (("run", "observe an object (or a C file, compiled on the host) in the guest"),
+                       ("probe", "print what the guest's probes find")):
+        cmd = sub.add_parser(name, help=text)
+        if name == "run":
+            cmd.add_argument("file", help="BPF object (.o) or C source (.c)")
+            cmd.add_argument("--run", dest="runs", metavar="PROG@CPU[:COUNT]", type=_parse_run, action="append",
+                             default=[], help="BPF_PROG_TEST_RUN PROG COUNT times on CPU; repeatable, in order")
+            cmd.add_argument("--clang", metavar="PATH", default=None, help="clang for .c input")
+        cmd.add_argument("--loader", choices=("libbpf", "raw", "system"), default="libbpf",
+                         help="the stack's libbpf (default), the raw loader, or this machine's libbpf")
+        cmd.add_argument("--jit", choices=("on", "off"), default="on", help="net.core.bpf_jit_enable in the guest")
+        cmd.add_argument("--stack", default=None, help="the provisioned stack to boot (default 7.3.4)")
+        cmd.add_argument("--kernel-image", default=None, help="boot this bzImage instead of the stack's")
+        cmd.add_argument("--modules", default=None, help="the image's modules (a dir holding lib/modules/<rel>)")
+        cmd.add_argument("--libbpf", default=None, help="a libbpf.so path, system or stack (default: the stack's)")
+        cmd.add_argument("--vm-cpus", type=int, default=2, metavar="N", help="online CPUs (default 2)")
+        cmd.add_argument("--vm-maxcpus", type=int, default=3, metavar="N", help="possible CPUs (default 3)")
     smoke = sub.add_parser("smoke", help="boot once and observe a built-in object through both loaders")
     smoke.add_argument("--kernel-image", type=Path, default=None,
                        help="bzImage to boot (default: the newest Debian generic /boot/vmlinuz-*-amd64)")
@@ -67,6 +90,80 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--vm-timeout", type=float, default=300.0, metavar="S")
     smoke.add_argument("--clang", default=None, metavar="PATH", help="clang (default: clang-19 or newer)")
     return parser
+
+
+MAX_RUN_COUNT = 100_000  # test runs of one --run; each is a request's worth of work under emulation
+
+
+def _parse_run(text: str) -> tuple[str, int, int]:
+    from backends.kernel.__main__ import parse_run
+
+    run = parse_run(text)
+    if run[2] > MAX_RUN_COUNT:
+        raise argparse.ArgumentTypeError(f"bad run {text!r}: COUNT above {MAX_RUN_COUNT}")
+    return run
+
+
+def _backend(args: argparse.Namespace) -> Any:  # noqa: ANN401 - suites.vm_backend.VmBackend
+    from suites.backends import ConfigError, Unavailable, from_config
+
+    settings = {"loader": args.loader, "jit": args.jit, "cpus": str(args.vm_cpus), "maxcpus": str(args.vm_maxcpus)}
+    for key in ("stack", "kernel_image", "modules", "libbpf"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.vm_cpus < 2 or args.vm_maxcpus < args.vm_cpus:
+        raise Failure(EXIT_INPUT, "--vm-cpus must be at least 2 and --vm-maxcpus at least --vm-cpus")
+    try:
+        clang = getattr(args, "clang", None)
+        return from_config("vm:" + ",".join(f"{k}={v}" for k, v in settings.items()), {"clang": clang} if clang else {})
+    except ConfigError as e:
+        raise Failure(EXIT_INPUT, str(e)) from None
+    except Unavailable as e:
+        raise Failure(EXIT_UNAVAILABLE, f"vm backend unavailable: {e}") from None
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    print(json.dumps({"profile": backend.profile, "column": backend.name, **backend.env}, indent=1))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from backends.kernel.__main__ import Failure as KernelFailure
+    from backends.kernel.__main__ import _compile as compile_file
+    from suites.support import Compiled
+    from suites.vm_backend import GuestFailed
+    from toolchain.elf import ObjectError, read_object
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise Failure(EXIT_INPUT, f"{path}: no such file")
+    try:
+        obj, clang_version = compile_file(path, args.clang) if path.suffix == ".c" else (path, None)
+        facts = read_object(obj)
+    except KernelFailure as e:
+        raise Failure(e.code, str(e)) from None
+    except ObjectError as e:
+        raise Failure(EXIT_INPUT, str(e)) from None
+    programs = {f.name for f in facts.functions if f.section not in (".text",)}
+    for prog, cpu, _ in args.runs:
+        if prog not in programs:
+            raise Failure(EXIT_INPUT, f"--run {prog}@{cpu}: no program {prog!r} in {obj} "
+                                      f"(programs: {', '.join(sorted(programs)) or 'none'})")
+    backend = _backend(args)
+    for prog, cpu, _ in args.runs:
+        if cpu not in backend.online_cpus:
+            raise Failure(EXIT_INPUT, f"--run {prog}@{cpu}: CPU {cpu} is not online in the guest "
+                                      f"(online: {', '.join(map(str, backend.online_cpus))})")
+    try:
+        doc = backend.observe(Compiled(None, "", Path(obj), facts), args.runs)  # type: ignore[arg-type]
+    except GuestFailed as e:
+        raise Failure(EXIT_VM, str(e).split("\n", 1)[0], str(e).partition("--- guest console ---\n")[2]) from None
+    except RuntimeError as e:
+        raise Failure(EXIT_VM, str(e)) from None
+    doc["env"]["clang"] = clang_version
+    print(json.dumps(doc, indent=1))
+    return EXIT_OK
 
 
 def _compile(clang_path: str | None) -> tuple[Path, str]:
@@ -152,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         try:
-            return cmd_smoke(args)
+            return {"smoke": cmd_smoke, "run": cmd_run, "probe": cmd_probe}[args.command](args)
         except VmUnavailable as e:
             raise Failure(EXIT_UNAVAILABLE, f"vm backend unavailable: {e}") from None
         except VmError as e:

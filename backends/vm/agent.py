@@ -344,10 +344,42 @@ def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, An
     if kind == "crash":  # fault injection for the suite's own tests: a real guest panic
         with open("/proc/sysrq-trigger", "w") as f:
             f.write("c")
+    if kind == "complain":  # fault injection: a kernel-log line as a WARN would print it
+        with open(_KMSG, "w") as f:
+            f.write("percpu-conformance: WARNING: injected complaint\n")
+        return {"probe": {}}
     if kind == "hang":  # fault injection: a request that never answers
         while True:
             time.sleep(3600)
     raise ValueError(f"unknown request kind {kind!r}")
+
+
+HEARTBEAT = "heartbeat"  # the host touches it every HEARTBEAT_SECONDS while it holds the guest
+HOST_GONE_SECONDS = 30.0
+
+
+class Heartbeat:
+    """Whether the host still holds this guest: the heartbeat file's mtime must move within HOST_GONE_SECONDS
+    of guest time. Checked about once a second, since a stat over 9p is not free."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: float | None = None
+        self.since = time.monotonic()
+        self.checked = 0.0
+
+    def stopped(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return False
+        self.checked = now
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            mtime = None
+        if mtime != self.seen:
+            self.seen, self.since = mtime, now
+        return now - self.since > HOST_GONE_SECONDS
 
 
 def _take_offline(keep: int) -> None:
@@ -372,9 +404,13 @@ def serve(directory: Path, online: int | None = None) -> int:
     _say(f"kernel {guest['kernel_release']}, serving {directory}")
     _write(directory, {"guest": guest}, "ready.json")
     seq = 0
+    heartbeat = Heartbeat(directory / HEARTBEAT)
     while True:
         path = directory / f"req-{seq}.json"
         if not path.exists():
+            if heartbeat.stopped():  # the host died without a shutdown: leave no guest behind
+                _say("the host stopped beating; powering off")
+                return 0
             time.sleep(POLL_SECONDS)
             continue
         req = json.loads(path.read_text())

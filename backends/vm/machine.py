@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.vm import runner
+from backends.vm.agent import HEARTBEAT
 from backends.vm.runner import PROJECT_ROOT, VmConfig, VmError, VmSession, VmUnavailable
 
 __all__ = ["GuestFailure", "VmMachine"]
@@ -29,7 +30,19 @@ __all__ = ["GuestFailure", "VmMachine"]
 BOOT_TIMEOUT = 240.0  # TCG boots a distribution kernel in 20-45 s; a loaded machine takes longer
 REQUEST_TIMEOUT = 120.0  # one observation takes 0.1-1 s under TCG; past this the guest is taken for hung
 POLL_SECONDS = 0.002
+HEARTBEAT_SECONDS = 2.0
 _PANIC = re.compile(r"Kernel panic|end Kernel panic|Out of memory: Killed process|oom-kill:")
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch `path` while this process holds the guest: a host killed without closing it (SIGKILL, a lost
+    xdist worker) stops beating, and the agent powers the guest off instead of leaving it running."""
+    while not stop.is_set():
+        try:
+            path.touch()
+        except OSError:
+            return
+        stop.wait(HEARTBEAT_SECONDS)
 
 
 class GuestFailure(VmError):
@@ -50,12 +63,14 @@ class VmMachine:
         self.accel, self.accel_notice = self.session.accel, self.session.accel_notice
         self.guest: dict[str, Any] | None = None  # the agent's probe at boot
         self.boots = 0
+        self.boot_failures: list[str] = []  # boots that failed and were tried again
         self.boot_seconds: float | None = None  # boot to agent ready, the last boot
         self._proc: subprocess.Popen[bytes] | None = None
         self._scratch: Path | None = None
         self._console: Path | None = None
         self._copier: threading.Thread | None = None
         self._seq = 0
+        self._beat: threading.Event | None = None
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -92,6 +107,8 @@ class VmMachine:
         self._copier = threading.Thread(target=runner._copy, args=(self._proc.stdout, self._console), daemon=True)
         self._copier.start()
         self.boots += 1
+        self._beat = threading.Event()
+        threading.Thread(target=_heartbeat, args=(scratch / HEARTBEAT, self._beat), daemon=True).start()
         ready = scratch / "ready.json"
         deadline = start + min(self.config.timeout, BOOT_TIMEOUT) if self.config.timeout else start + BOOT_TIMEOUT
         while not ready.exists():
@@ -125,6 +142,8 @@ class VmMachine:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
         if self._proc is not None:
             if self._proc.poll() is None:
                 runner._kill_group(self._proc)
@@ -190,7 +209,12 @@ class VmMachine:
         """Send one request, booting first when no guest is up. `objects` names request keys whose host paths
         are staged into the shared directory ("object", or "objects" for a list). Returns the agent's answer:
         {"observation"|"probe"|"error": ..., "kernel_log": [...], "seconds": s}."""
-        self.start()
+        if not self.running:
+            try:
+                self.start()
+            except GuestFailure as e:  # a boot that panicked (seen once under TCG) is tried once more
+                self.boot_failures.append(str(e))
+                self.start()
         doc = dict(req)
         for key, value in (objects or {}).items():
             doc[key] = ([self.stage(p, k) for k, p in enumerate(value)] if isinstance(value, list | tuple)

@@ -1,0 +1,60 @@
+"""The persistent guest on the provisioned stack: it answers, survives its own failures, and reports the kernel's
+complaints. A guest that panics or hangs fails that request with the console's end and the next request boots a
+new one; a WARN printed while a request runs is in that request's answer. Skipped, with the reason, where the
+stack is not provisioned or QEMU cannot run."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.vm.machine import GuestFailure, VmMachine
+from backends.vm.runner import VmConfig, VmUnavailable
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def machine():
+    from backends.stack import StackUnavailable, stack_paths
+
+    try:
+        paths = stack_paths(provision=False)
+        vm = VmMachine(VmConfig(kernel_image=paths.kernel_image, modules=paths.modules, cpus=2), maxcpus=3)
+    except (StackUnavailable, VmUnavailable) as e:
+        pytest.skip(str(e))
+    yield vm
+    vm.close()
+    assert not vm.running
+
+
+def test_guest_has_more_possible_than_online_cpus(machine):
+    probe = machine.start()["probe"]
+    assert probe["possible_cpus"] == 3 and probe["online_cpus"] == [0, 1]
+    assert probe["features"]["percpu_data"] is True
+
+
+def test_a_kernel_complaint_is_in_the_answer(machine):
+    answer = machine.request({"kind": "complain"})
+    assert any("WARNING: injected complaint" in line for line in answer["kernel_log"])
+    assert machine.request({"kind": "probe"})["kernel_log"] == []
+
+
+def test_a_panic_fails_the_request_and_the_next_one_boots_anew(machine):
+    machine.start()
+    boots = machine.boots
+    with pytest.raises(GuestFailure) as failed:
+        machine.request({"kind": "crash"}, timeout=60)
+    assert "Kernel panic" in str(failed.value) and "sysrq" in failed.value.console_tail.lower()
+    assert not machine.running
+    assert "probe" in machine.request({"kind": "probe"})
+    assert machine.boots == boots + 1
+
+
+def test_a_hang_is_killed_at_the_request_timeout(machine):
+    machine.start()
+    boots = machine.boots
+    with pytest.raises(GuestFailure, match="did not answer"):
+        machine.request({"kind": "hang"}, timeout=5)
+    assert not machine.running
+    assert "probe" in machine.request({"kind": "probe"})
+    assert machine.boots == boots + 1
