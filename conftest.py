@@ -165,11 +165,30 @@ def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
     return found
 
 
+_ENV_SENT: set[str] = set()
+
+
+def _column_env(backend) -> dict:  # noqa: ANN001 - suites.backends.Backend
+    """What the matrix header says of a column: where its kernel and libbpf come from, and its profile."""
+    env = dict(getattr(backend, "env", None) or {})
+    keep = ("kernel_release", "libbpf", "libbpf_path", "bpftool", "stack", "accelerator", "jit_enabled",
+            "possible_cpus", "online_cpus")
+    return {"profile": backend.profile, "config": backend.config, **{k: env.get(k) for k in keep if k in env}}
+
+
 @pytest.fixture(autouse=True)
 def _vm_examples(request: pytest.FixtureRequest):
     """A property runs fewer examples on a vm column than on the host's (--vm-examples): Hypothesis reads a
-    test's settings when it is called, so they are swapped for the call and restored after it."""
+    test's settings when it is called, so they are swapped for the call and restored after it. The first test
+    of each column also carries the column's environment to the matrix header."""
     callspec = getattr(request.node, "callspec", None)
+    key = callspec.params.get("backend") if callspec is not None else None
+    built = _BACKENDS.get(key) if key is not None else None
+    if built is not None and not isinstance(built, Exception) and key not in _ENV_SENT:
+        import json
+
+        _ENV_SENT.add(key)
+        request.node.user_properties.append(("column_env", json.dumps(_column_env(built))))
     wanted = request.config.getoption("--vm-examples")
     test = request.function
     current = getattr(test, "_hypothesis_internal_use_settings", None)
@@ -197,6 +216,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # The conformance matrix: rows are properties, columns backends; printed at the end of every run.
 
 _MATRIX: dict[tuple[str, str], dict] = {}
+_COLUMN_ENV: dict[str, dict] = {}  # column -> its kernel, libbpf, bpftool, profile, accelerator
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -236,6 +256,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for key, value in report.user_properties:
         if key == "predicted_reject":
             cell["predicted-reject"] = int(cell.get("predicted-reject", 0)) + int(value)
+        elif key == "column_env":
+            import json
+
+            _COLUMN_ENV[column] = json.loads(value)
         elif key in ("known", "known-applies"):
             cell.setdefault(key, {})[value] = cell.get(key, {}).get(value, 0) + 1
 
@@ -282,6 +306,7 @@ def _write_reports(columns: list[str], rows: list[tuple[str, list[str]]], md: li
         cells = {f"{p}|{c}": v for (p, c), v in _MATRIX.items()}
         stale = [{"column": c, "id": i} for c, i in _known_not_reproduced()]
         (out / "results.json").write_text(json.dumps({"matrix": cells, "columns": columns,
+                                                      "columns_env": _COLUMN_ENV,
                                                       "known_not_reproduced": stale}, indent=1) + "\n")
     except OSError as e:
         print(f"reports: cannot write {out}: {e.strerror}")
@@ -300,11 +325,31 @@ def _known_not_reproduced() -> list[tuple[str, str]]:
     return [(c, i) for c in sorted(applied) for i in sorted(applied[c] - hit[c])]
 
 
+def _header_lines(columns: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """One line a column: what it ran on, or why it was skipped."""
+    out = []
+    for i, column in enumerate(columns):
+        env = _COLUMN_ENV.get(column)
+        cells = [r[1][i] for r in rows if r[1][i] != "-"]
+        if env is None:
+            reasons = sorted({c for c in cells if c.startswith("skipped")})
+            if column != "oracle" and reasons and all(c.startswith("skipped") for c in cells):
+                out.append(f"{column}: {reasons[0]}")
+            continue
+        online = env.get("online_cpus")
+        lib = f"libbpf {env['libbpf']} ({env.get('libbpf_path')})" if env.get("libbpf") else "no libbpf (raw loader)"
+        out.append(f"{column}: profile {env['profile']}; kernel {env.get('kernel_release')}; {lib}; bpftool "
+                   f"{env.get('bpftool')}; CPUs {env.get('possible_cpus')} possible, online {online}; "
+                   f"accelerator {env.get('accelerator')}" + (f"; stack {env['stack']}" if env.get("stack") else ""))
+    return out
+
+
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
     columns, rows = _matrix_rows()
     if not rows:
         return
-    md = ["| property | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    md = [f"- {line}" for line in _header_lines(columns, rows)] + [""]
+    md += ["| property | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     md += [f"| {p} | " + " | ".join(cells) + " |" for p, cells in rows]
     terminalreporter.section("conformance matrix")
     for line in md:

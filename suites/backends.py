@@ -62,6 +62,13 @@ class SimBackend:
         return registry.join_modifiers("", registry.split_modifiers(self.profile)[1])
 
     @property
+    def env(self) -> dict:
+        row = registry.lookup(self.sim_profile or self.profile)[0]
+        return {"kernel_release": f"simulated ({row.sim_kernel_row})", "libbpf": f"simulated ({row.loader_row})",
+                "libbpf_path": "backends/objload.py", "bpftool": None, "accelerator": "none (simulated)",
+                "possible_cpus": self.possible_cpus, "online_cpus": list(self.online_cpus)}
+
+    @property
     def config(self) -> str:
         """The configuration that builds this backend again (`from_config`)."""
         from schema.cpulist import format_cpulist

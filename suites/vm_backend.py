@@ -40,6 +40,7 @@ class VmTarget:
     bpftool: Path | None
     release: str | None
     stack: str | None  # the provisioned stack's name; None for a user's own kernel
+    bpftool_version: str | None = None
     cpus: int = 2
     maxcpus: int = 3
 
@@ -55,7 +56,7 @@ def resolve_target(*, stack: str | None, kernel_image: Path | None, modules: Pat
     except StackUnavailable as e:
         raise Unavailable(f"vm backend: stack {stack or DEFAULT_STACK}: {e}") from None
     return VmTarget(paths.kernel_image, paths.modules, paths.libbpf, paths.bpftool, paths.release,
-                    stack or DEFAULT_STACK, cpus, maxcpus)
+                    stack or DEFAULT_STACK, paths.bpftool_version, cpus, maxcpus)
 
 
 _MACHINES: dict[VmTarget, Any] = {}
@@ -150,6 +151,7 @@ class VmBackend:
         self.modifiers = registry.join_modifiers("", registry.split_modifiers(self.profile)[1])
         self.env = {"kernel_release": probe["kernel_release"], "libbpf": facts.get("libbpf"),
                     "libbpf_path": facts.get("libbpf_path"), "stack": self.target.stack,
+                    "bpftool": self.target.bpftool_version,
                     "kernel_image": str(self.target.kernel_image), "accelerator": self.machine.accel,
                     "jit_enabled": probe.get("jit_enabled"), "features": probe["features"],
                     "possible_cpus": self.possible_cpus, "online_cpus": list(self.online_cpus),
