@@ -332,7 +332,11 @@ def from_config(text: str, defaults: Settings | None = None) -> Backend:
     kind, settings = parse_config(text)
     if kind.loaders and "loader" not in settings:
         settings["loader"] = kind.loaders[0].split("+")[0]
+    from backends.libbpf_source import LibbpfSourceError
+
     try:
         return kind.build(settings, defaults or {})
     except registry.UnknownProfile as e:
         raise ConfigError(str(e)) from None
+    except LibbpfSourceError as e:
+        raise Unavailable(f"{kind.column(settings) or kind.name}: {e}") from None

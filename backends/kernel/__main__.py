@@ -41,11 +41,26 @@ class _Parser(argparse.ArgumentParser):
         raise Failure(EXIT_INPUT, message)
 
 
+MAX_RUN_COUNT = 100_000  # test runs of one --run: each is a syscall and a result slot, so more is a typo
+
+
 def parse_run(text: str) -> tuple[str, int, int]:
     m = _RUN.match(text)
-    if m is None or (m.group(3) is not None and int(m.group(3)) < 1):
-        raise argparse.ArgumentTypeError(f"bad run {text!r} (want PROG@CPU[:COUNT], COUNT >= 1)")
+    if m is None or (m.group(3) is not None and not 1 <= int(m.group(3)) <= MAX_RUN_COUNT):
+        raise argparse.ArgumentTypeError(f"bad run {text!r} (want PROG@CPU[:COUNT], 1 <= COUNT <= {MAX_RUN_COUNT})")
     return m.group(1), int(m.group(2)), int(m.group(3) or 1)
+
+
+def check_runs(runs: Sequence[tuple[str, int, int]], programs: set[str], online: Sequence[int], where: str) -> None:
+    """A run of a program the object lacks, or on a CPU that is not online, is bad input: never a silent error
+    entry in the observation."""
+    for prog, cpu, _ in runs:
+        if prog not in programs:
+            raise Failure(EXIT_INPUT, f"--run {prog}@{cpu}: no program {prog!r} in {where} "
+                                      f"(programs: {', '.join(sorted(programs)) or 'none'})")
+        if cpu not in online:
+            raise Failure(EXIT_INPUT, f"--run {prog}@{cpu}: CPU {cpu} is not online "
+                                      f"(online: {', '.join(map(str, online))})")
 
 
 def _plan_arg(parse: Callable[[str], tuple]) -> Callable[[str], tuple]:
@@ -122,8 +137,11 @@ def cmd_run(args: argparse.Namespace) -> dict:
     if not path.is_file():
         raise Failure(EXIT_INPUT, f"{path}: no such file")
     obj, clang_version = _compile(path, args.clang) if path.suffix == ".c" else (path, None)
+    from backends.kernel import probes
+    from backends.kernel.observe import program_names
+
     try:
-        read_object(obj)
+        check_runs(args.runs, set(program_names(read_object(obj))), probes.online_cpus(), str(obj))
         if args.loader == "raw":
             doc = observe_raw(obj, runs=args.runs)
         else:
@@ -148,8 +166,11 @@ def cmd_run_set(args: argparse.Namespace) -> dict:
         objects.append(path)
     try:
         plan = SetPlan(tuple(objects), tuple(args.reuse), tuple(args.attach), tuple(args.runs))
-        for obj in objects:
-            read_object(obj)
+        from backends.kernel import probes
+        from backends.kernel.observe import program_names
+
+        names = {n for obj in objects for n in program_names(read_object(obj))}
+        check_runs(args.runs, names, probes.online_cpus(), " + ".join(map(str, objects)))
         if args.loader == "raw":
             doc = observe_set_raw(plan)
         else:

@@ -92,16 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MAX_RUN_COUNT = 100_000  # test runs of one --run; each is a request's worth of work under emulation
-
-
 def _parse_run(text: str) -> tuple[str, int, int]:
     from backends.kernel.__main__ import parse_run
 
-    run = parse_run(text)
-    if run[2] > MAX_RUN_COUNT:
-        raise argparse.ArgumentTypeError(f"bad run {text!r}: COUNT above {MAX_RUN_COUNT}")
-    return run
+    return parse_run(text)
 
 
 def _backend(args: argparse.Namespace) -> Any:  # noqa: ANN401 - suites.vm_backend.VmBackend
@@ -145,16 +139,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise Failure(e.code, str(e)) from None
     except ObjectError as e:
         raise Failure(EXIT_INPUT, str(e)) from None
-    programs = {f.name for f in facts.functions if f.section not in (".text",)}
-    for prog, cpu, _ in args.runs:
-        if prog not in programs:
-            raise Failure(EXIT_INPUT, f"--run {prog}@{cpu}: no program {prog!r} in {obj} "
-                                      f"(programs: {', '.join(sorted(programs)) or 'none'})")
+    from backends.kernel.__main__ import check_runs
+    from backends.kernel.observe import program_names
+
+    programs = set(program_names(facts))
+    try:  # the program names now; the CPUs once the guest is up
+        check_runs(args.runs, programs, range(args.vm_maxcpus), str(obj))
+    except KernelFailure as e:
+        raise Failure(e.code, str(e)) from None
     backend = _backend(args)
-    for prog, cpu, _ in args.runs:
-        if cpu not in backend.online_cpus:
-            raise Failure(EXIT_INPUT, f"--run {prog}@{cpu}: CPU {cpu} is not online in the guest "
-                                      f"(online: {', '.join(map(str, backend.online_cpus))})")
+    try:
+        check_runs(args.runs, programs, backend.online_cpus, str(obj))
+    except KernelFailure as e:
+        raise Failure(e.code, str(e)) from None
     try:
         doc = backend.observe(Compiled(None, "", Path(obj), facts), args.runs)  # type: ignore[arg-type]
     except GuestFailed as e:
