@@ -14,7 +14,7 @@ from generators.model import ObjectSet, ProgramModel, from_jsonable
 from generators.render import render_global
 from oracle.predict import OracleError, predict
 from oracle.profiles import UnknownProfile, profile
-from schema.cpulist import parse_cpulist
+from schema.cpulist import format_cpulist, parse_cpulist
 from toolchain.clang import Clang, CompileError, ToolchainError, compile_c
 from toolchain.elf import ObjectError, read_object
 
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         online = parse_cpulist(args.online_cpus) if args.online_cpus else list(range(args.possible_cpus))
         if any(c >= args.possible_cpus for c in online) or args.possible_cpus < 1:
             raise ValueError(f"online CPUs {online} are not a subset of {args.possible_cpus} possible CPUs")
+        schedules = [model.schedule]
+        for run in (r for schedule in schedules for r in schedule):
+            if run.cpu not in online:
+                raise ValueError(f"the schedule runs {run.program} on CPU {run.cpu}, which is not online "
+                                 f"(online: {format_cpulist(online)})")
         clang = Clang.find(args.clang)
         if isinstance(model, ObjectSet):
             from oracle.objectset import predict_set

@@ -61,3 +61,16 @@ def test_replay_of_a_bad_profile_is_one_line(tmp_path):
     done = _run("-m", "suites.replay", str(bundle), "--profile", "bogus", tmp_path=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "unknown profile 'bogus'" in done.stderr
+
+
+def test_oracle_predict_of_a_run_on_a_cpu_that_is_not_online(tmp_path):
+    import dataclasses
+
+    from corpus import CORPUS
+    from generators.model import Run, dumps
+
+    model = CORPUS["selftest"]((0, 1))
+    model = dataclasses.replace(model, schedule=(Run(model.schedule[0].program, 9, 1),))
+    (tmp_path / "m.json").write_text(dumps(model))
+    done = _run("-m", "oracle", "predict", str(tmp_path / "m.json"), tmp_path=tmp_path)
+    assert done.returncode == 2 and "CPU 9, which is not online" in done.stderr and "Traceback" not in done.stderr
