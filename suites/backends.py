@@ -225,10 +225,10 @@ def _build_kernel(s: Settings, d: Settings) -> Backend:
 
     loader = s["loader"]
     libbpf = s.get("libbpf", d.get("libbpf"))
-    if loader == "libbpf" and libbpf is not None:
+    if loader == "libbpf" and (libbpf is not None or "patch" in s):
         from backends.libbpf_source import resolve_libbpf
 
-        libbpf = resolve_libbpf(libbpf)
+        libbpf = resolve_libbpf(libbpf or "stack", s.get("patch"))
     return KernelBackend(loader, libbpf, Clang.find(d.get("clang")))  # type: ignore[arg-type]
 
 
@@ -246,10 +246,10 @@ def _build_vm(s: Settings, d: Settings) -> Backend:
     if jit not in ("on", "off"):
         raise ConfigError(f"jit={jit!r}: want on or off")
     libbpf = s.get("libbpf", d.get("libbpf")) if loader == "libbpf" else None
-    if libbpf is not None:
+    if libbpf is not None or "patch" in s:
         from backends.libbpf_source import resolve_libbpf
 
-        libbpf = resolve_libbpf(libbpf)
+        libbpf = resolve_libbpf(libbpf or "stack", s.get("patch"))
     target = resolve_target(stack=s.get("stack", d.get("stack")), kernel_image=path("kernel_image"),
                             modules=path("modules"), libbpf=None, bpftool=path("bpftool"),
                             cpus=int(s.get("cpus", d.get("vm_cpus", "2"))),
@@ -269,9 +269,9 @@ def _vm_column(s: Settings) -> str:
 KINDS: dict[str, BackendKind] = {k.name: k for k in (
     BackendKind(name="sim", settings=("profile", "possible", "online", "sim_profile"), build=_build_sim,
                 column=lambda s: "sim"),
-    BackendKind(name="kernel", settings=("loader", "libbpf"), build=_build_kernel, loaders=("libbpf", "raw"),
+    BackendKind(name="kernel", settings=("loader", "libbpf", "patch"), build=_build_kernel, loaders=("libbpf", "raw"),
                 column=lambda s: f"kernel-{s['loader']}"),
-    BackendKind(name="vm", settings=("loader", "libbpf", "stack", "kernel_image", "modules", "bpftool", "cpus",
+    BackendKind(name="vm", settings=("loader", "libbpf", "patch", "stack", "kernel_image", "modules", "bpftool", "cpus",
                                      "maxcpus", "jit", "provision"),
                 build=_build_vm, loaders=("libbpf", "raw", "system", "libbpf+jit=off", "raw+jit=off"),
                 column=_vm_column),
@@ -339,4 +339,4 @@ def from_config(text: str, defaults: Settings | None = None) -> Backend:
     except registry.UnknownProfile as e:
         raise ConfigError(str(e)) from None
     except LibbpfSourceError as e:
-        raise Unavailable(f"{kind.column(settings) or kind.name}: {e}") from None
+        raise Unavailable(f"{kind.column(settings) or kind.name}: {e}") from e  # the cause keeps e.kind

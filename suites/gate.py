@@ -3,8 +3,12 @@
 Gate a loader or kernel change: run the regression corpus plus a fixed-seed sample of generated models on two
 configurations, write one CSV row of facts per case and configuration, and exit 1 on any case whose observations
 differ (0 when none), with a markdown summary. A configuration is a backend plus settings:
-`sim:profile=v1`, `sim:profile=merged,possible=4,online=0-1`, `kernel:loader=raw`,
-`kernel:libbpf=/path/to/libbpf.so`.
+`sim:profile=v1`, `sim:profile=merged,possible=4,online=0-1`, `kernel:loader=raw`, `kernel:libbpf=/path/to/libbpf.so`,
+`vm` (the stack's kernel 7.3.4 and libbpf 1.8 in a guest), `vm:libbpf=src:DIR[,patch=FILE]` (a libbpf built from a
+tools/lib/bpf or libbpf tree, patched), `vm:libbpf=debian:VERSION`, `vm:libbpf=system`; `kernel:` takes the same
+libbpf settings (suites.backends owns the syntax). The smallest differing case's model and C source are
+written to the out directory as `reproducer.*`. Exit 2: a bad configuration; 6: a libbpf that cannot be downloaded;
+8: one that does not build.
 """
 
 from __future__ import annotations
@@ -20,26 +24,12 @@ from corpus.selftest import selftest_model
 from corpus.sets import SET_CORPUS
 from generators.model import ProgramModel
 from generators.strategies import fixed_sample, program_models
-from schema.cpulist import parse_cpulist
 from schema.result import Result, compare, compare_set
+from suites.support import Compiled
 
-
-class ConfigError(ValueError):
-    pass
-
-
-def parse_config(text: str, clang):  # noqa: ANN001, ANN201 - a suites.backends.Backend
-    from suites.backends import KernelBackend, SimBackend
-
-    kind, _, rest = text.partition(":")
-    opts = dict(item.split("=", 1) for item in rest.split(",") if item)
-    if kind == "sim":
-        possible = int(opts.get("possible", 4))
-        online = tuple(parse_cpulist(opts["online"])) if "online" in opts else tuple(range(possible))
-        return SimBackend(opts.get("profile", "merged"), possible, online)
-    if kind == "kernel":
-        return KernelBackend(opts.get("loader", "libbpf"), opts.get("libbpf"), clang)
-    raise ConfigError(f"unknown configuration {text!r} (sim:… or kernel:…)")
+# exit codes beside 0 (no difference) and 1 (differences): a libbpf that cannot be had, by what failed
+EXIT_USAGE = 2
+EXIT_LIBBPF = {"usage": EXIT_USAGE, "download": 6, "build": 8}
 
 
 def sample_models(n: int, cpus: tuple[int, ...]) -> list[ProgramModel]:
@@ -72,17 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clang")
     args = parser.parse_args(argv)
 
-    from suites.backends import Unavailable
+    from backends.libbpf_source import LibbpfSourceError
+    from suites.backends import Unavailable, from_config
     from suites.sets import compile_set, sample_sets, set_plan
     from suites.support import compile_global, runs_of
     from toolchain.clang import Clang, ToolchainError
 
+    if args.examples < 0 or args.set_examples < 0:
+        print("gate: --examples and --set-examples take a count of 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    defaults = {"clang": args.clang} if args.clang else {}
     try:
         clang = Clang.find(args.clang)
-        base, cand = parse_config(args.baseline, clang), parse_config(args.candidate, clang)
-    except (ToolchainError, Unavailable, ConfigError, ValueError) as e:
+        base, cand = from_config(args.baseline, defaults), from_config(args.candidate, defaults)
+    except (ToolchainError, Unavailable, ValueError) as e:  # ConfigError is a ValueError
         print(f"gate: {e}", file=sys.stderr)
-        return 2
+        cause = e.__cause__
+        return EXIT_LIBBPF[cause.kind] if isinstance(cause, LibbpfSourceError) else EXIT_USAGE
     cpus = tuple(sorted(set(base.online_cpus) & set(cand.online_cpus)))
     if not cpus:
         print("gate: the two configurations share no online CPU", file=sys.stderr)
@@ -92,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, differing, fields = [], [], Counter()
+    smallest: Compiled | None = None  # of the differing cases, the one with the shortest source
     for case, model in cases:
         compiled = compile_global(clang, model)
         docs = [backend.observe(compiled, runs_of(model)) for backend in (base, cand)]
@@ -101,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cmp.ok:
             differing.append((case, cmp))
             fields.update(_generic(d.field) for d in cmp.divergences)
+            if smallest is None or len(compiled.source) < len(smallest.source):
+                smallest, smallest_case = compiled, case
     set_cases = [(f"sets:{name}", fn(cpus[:2])) for name, fn in sorted(SET_CORPUS.items())]
     set_cases += [(f"set-sample:{i}", m) for i, m in enumerate(sample_sets(args.set_examples, cpus))]
     for case, model in set_cases:
@@ -124,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         summary += ["", "First differing cases:", ""]
         for case, cmp in differing[:5]:
             summary += [f"- {case}:"] + [f"  - {d}" for d in cmp.divergences[:6]]
+    if smallest is not None:
+        (args.out / "reproducer.c").write_text(smallest.source)
+        (args.out / "reproducer.model.txt").write_text(f"{smallest_case}\n{smallest.model!r}\n")
+        summary += ["", f"Smallest differing case: {smallest_case} ({len(smallest.source.splitlines())} lines of C), "
+                    f"written to {args.out}/reproducer.c and reproducer.model.txt."]
     (args.out / "summary.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))
     return 1 if differing else 0

@@ -418,8 +418,7 @@ def build_libbpf(pins: StackPins, source: Path, target: Path, log_file: Path) ->
     """libbpf.so.<version> (+ .so.1, .so, .a, .pc) and its installed headers in include/bpf."""
     step = "build-libbpf"
     with _piece(target, step, _made_from(pins, "source")) as scratch:
-        make = ["make", "-C", str(source / "tools" / "lib" / "bpf"), f"-j{_jobs()}", f"OUTPUT={scratch}/"]
-        _check(make, step, "make -C tools/lib/bpf", log_file)
+        make = make_libbpf(source / "tools" / "lib" / "bpf", scratch, log_file, step)
         _check([*make, f"DESTDIR={scratch}", "prefix=", "install_headers"], step, "make install_headers", log_file)
         so = scratch / f"libbpf.so.{pins.libbpf_version}"
         if not so.is_file():
@@ -429,6 +428,15 @@ def build_libbpf(pins: StackPins, source: Path, target: Path, log_file: Path) ->
             raise StackUnavailable(step, f"{so.name} reports version {reported}, pinned {pins.libbpf_version}")
         if not (scratch / "include" / "bpf" / "bpf_helpers.h").is_file():
             raise StackUnavailable(step, f"install_headers left no include/bpf/bpf_helpers.h; see {log_file}")
+
+
+def make_libbpf(tree: Path, out: Path, log_file: Path, step: str) -> list[str]:
+    """`make` of a libbpf tree into out: a kernel's tools/lib/bpf (which reads OUTPUT) or a standalone libbpf's
+    src/ (which reads OBJDIR). Returns the make command, for further targets."""
+    make = ["make", "-C", str(tree), f"-j{_jobs()}", f"OUTPUT={out}/", f"OBJDIR={out}"]
+    shown = "/".join(tree.parts[-3:]) if tree.parts[-3:-1] == ("tools", "lib") else tree.name
+    _check(make, step, f"make -C {shown}", log_file)
+    return make
 
 
 def build_bpftool(pins: StackPins, source: Path, target: Path, log_file: Path) -> None:
