@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
+import pytest
+
+from backends import libbpf_source
+from backends.libbpf_source import LibbpfSourceError, resolve_libbpf
+from backends.stack import provision
 from suites.gate import main
 
 
@@ -23,4 +29,110 @@ def test_gate_passes_a_configuration_against_itself(tmp_path):
 
 def test_gate_refuses_an_unknown_configuration(tmp_path, capsys):
     assert main(["--baseline", "bogus", "--candidate", "sim", "--out", str(tmp_path)]) == 2
-    assert "unknown configuration 'bogus'" in capsys.readouterr().err
+    assert "unknown backend 'bogus'" in capsys.readouterr().err
+
+
+def test_gate_refuses_a_misspelt_setting_in_one_line(tmp_path, capsys):
+    assert main(["--baseline", "sim:profle=v1", "--candidate", "sim", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown setting 'profle=v1'" in err
+
+
+@pytest.mark.parametrize("counts", [("0", "0"), ("0", "1"), ("1", "0")])
+def test_gate_runs_with_no_generated_examples(tmp_path, counts):
+    assert main(["--baseline", "sim", "--candidate", "sim", "--examples", counts[0], "--set-examples", counts[1],
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.md").read_text().count("corpus") == 0  # the summary counts, it names no case
+    assert len((tmp_path / "facts.csv").read_text().splitlines()) > 1
+
+
+def test_gate_refuses_a_negative_count(tmp_path, capsys):
+    assert main(["--baseline", "sim", "--candidate", "sim", "--examples", "-1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("gate: --examples")
+
+
+def test_gate_writes_the_smallest_differing_case(tmp_path):
+    assert main(["--baseline", "sim:profile=v1", "--candidate", "sim:profile=merged", "--examples", "3",
+                 "--set-examples", "0", "--out", str(tmp_path)]) == 1
+    source = (tmp_path / "reproducer.c").read_text()
+    assert ".percpu" in source and "Smallest differing case" in (tmp_path / "summary.md").read_text()
+
+
+# -- libbpf built from a tree, with stand-in Makefiles (no real build) --------------------------------------------
+
+STANDIN_MAKEFILE = """\
+all:
+\tprintf 'int libbpf_major_version(void) { return 1; }\\nint v = VALUE;\\n' > $(OUTPUT)v.c
+\tgcc -shared -fPIC -o $(OUTPUT)libbpf.so.1.8.0 $(OUTPUT)v.c
+"""
+PATCH = """\
+--- a/Makefile
++++ b/Makefile
+@@ -1,2 +1,2 @@
+ all:
+-\tprintf 'int libbpf_major_version(void) { return 1; }\\nint v = VALUE;\\n' > $(OUTPUT)v.c
++\tprintf 'int libbpf_major_version(void) { return 1; }\\nint v = VALUE + 1;\\n' > $(OUTPUT)v.c
+"""
+
+
+@pytest.fixture
+def standin_tree(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(provision.CACHE_ENV, str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "Makefile").write_text(STANDIN_MAKEFILE.replace("VALUE", "1"))
+    return tree
+
+
+def test_src_builds_a_patched_copy_once(standin_tree, tmp_path):
+    patch = tmp_path / "fix.patch"
+    patch.write_text(PATCH.replace("VALUE", "1"))
+    plain = Path(resolve_libbpf(f"src:{standin_tree}"))
+    patched = Path(resolve_libbpf(f"src:{standin_tree}", str(patch)))
+    assert plain.name == patched.name == "libbpf.so.1.8.0" and plain != patched
+    assert "v = 1 + 1" in (patched.parent / "v.c").read_text() and "v = 1;" in (plain.parent / "v.c").read_text()
+    assert "+ 1" not in (standin_tree / "Makefile").read_text()  # the tree itself is left alone
+    stamp = patched.stat().st_mtime_ns
+    assert Path(resolve_libbpf(f"src:{standin_tree}", str(patch))) == patched  # cached: not built again
+    assert patched.stat().st_mtime_ns == stamp
+
+
+def test_src_builds_a_standalone_libbpf_in_src(standin_tree):
+    standalone = standin_tree.parent / "libbpf-standalone"
+    (standalone / "src").mkdir(parents=True)
+    (standin_tree / "Makefile").rename(standalone / "src" / "Makefile")
+    assert Path(resolve_libbpf(f"src:{standalone}")).name == "libbpf.so.1.8.0"
+
+
+@pytest.mark.parametrize(("spec", "patch", "kind", "words"), [
+    ("src:{tree}/missing", None, "usage", "no such directory"),
+    ("src:{tmp}", None, "usage", "no Makefile"),
+    ("src:{tree}", "{tmp}/none.patch", "usage", "no such file"),
+    ("stack", "{tmp}/x.patch", "usage", "src:DIR build only"),
+    ("debian:not a version", None, "usage", "want an upstream version"),
+    ("src:{tree}", "{tmp}/bad.patch", "build", "does not apply"),
+    ("src:{failing}", None, "build", "failed (exit 2)"),
+])
+def test_resolve_errors_are_one_line_with_a_kind(standin_tree, tmp_path, spec, patch, kind, words):
+    (tmp_path / "bad.patch").write_text(PATCH.replace("VALUE", "7"))
+    (tmp_path / "failing").mkdir()
+    (tmp_path / "failing" / "Makefile").write_text("all:\n\t@echo 'libbpf.c:1: error: stand-in' >&2; false\n")
+    fill = {"tree": standin_tree, "tmp": tmp_path / "empty", "failing": tmp_path / "failing"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LibbpfSourceError) as refused:
+        resolve_libbpf(spec.format(**fill), patch.format(tmp=tmp_path) if patch else None)
+    assert refused.value.kind == kind and words in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_gate_exit_codes_by_what_failed(standin_tree, tmp_path, capsys):
+    (tmp_path / "bad.patch").write_text(PATCH.replace("VALUE", "7"))
+    args = ["--candidate", "sim", "--out", str(tmp_path / "out")]
+    assert main(["--baseline", f"kernel:libbpf=src:{standin_tree},patch={tmp_path}/bad.patch", *args]) == 8
+    assert main(["--baseline", "vm:libbpf=src:/nonexistent", *args]) == 2
+
+
+def test_debian_download_failure_is_kind_download(standin_tree, monkeypatch):
+    monkeypatch.setattr(provision, "system_debian_archive", lambda: None)
+    with pytest.raises(LibbpfSourceError) as refused:
+        libbpf_source.build_from_debian("1.7.0")
+    assert refused.value.kind == "download"
