@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(f"sample:{i}", m) for i, m in enumerate(sample_models(args.examples, cpus))]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, differing, fields = [], [], Counter()
+    rows, differing, fields, layers = [], [], Counter(), Counter()
     smallest: Compiled | None = None  # of the differing cases, the one with the shortest source
     for case, model in cases:
         compiled = compile_global(clang, model)
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cmp.ok:
             differing.append((case, cmp))
             fields.update(_generic(d.field) for d in cmp.divergences)
+            layers.update({d.layer for d in cmp.divergences})
             if smallest is None or len(compiled.source) < len(smallest.source):
                 smallest, smallest_case = compiled, case
     set_cases = [(f"sets:{name}", fn(cpus[:2])) for name, fn in sorted(SET_CORPUS.items())]
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cmp.ok:
             differing.append((case, cmp))
             fields.update(_generic(d.field) for d in cmp.divergences)
+            layers.update({d.layer for d in cmp.divergences})
     cases += set_cases
     with open(args.out / "facts.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = [f"# gate: `{args.baseline}` → `{args.candidate}`", "",
                f"{len(cases)} cases, {len(differing)} with differences.", ""]
     if fields:
+        summary += ["| class | cases |", "|---|---|"] + [f"| {c} | {n} |" for c, n in layers.most_common()] + [""]
         summary += ["| field | cases |", "|---|---|"] + [f"| `{f}` | {n} |" for f, n in fields.most_common()]
         summary += ["", "First differing cases:", ""]
         for case, cmp in differing[:5]:

@@ -18,6 +18,7 @@ def test_gate_lists_the_v1_naming_difference(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 1
     summary = (tmp_path / "summary.md").read_text()
     assert "`maps[.percpu].name`" in summary and "`maps[.percpu].kernel_name`" in summary
+    assert "| class | cases |" in summary and "| loader |" in summary  # by class before by field
     rows = list(csv.DictReader((tmp_path / "facts.csv").read_text().splitlines()))
     assert {r["config"] for r in rows} == {"sim:profile=v1", "sim:profile=merged"}
 
