@@ -50,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bpftool", default=None, help="vm: this bpftool instead of the stack's")
     g.addoption("--vm-cpus", type=int, default=2, help="vm: online CPUs (default 2)")
     g.addoption("--vm-maxcpus", type=int, default=3, help="vm: possible CPUs, more than online (default 3)")
+    g.addoption("--predict-profile", default=None,
+                help="predict every probed column (kernel, vm) with this profile instead of the probed one: a "
+                     "deliberately wrong prediction, to see each property fail on a real kernel")
     g.addoption("--vm-examples", type=int, default=10,
                 help="examples per property on a vm column, where emulation costs 15-50x (default 10; 0: as many "
                      "as the Hypothesis profile says)")
@@ -77,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         lookup(config.getoption("--profile"))
+        if config.getoption("--predict-profile"):
+            lookup(config.getoption("--predict-profile"))
         if config.getoption("--online-cpus"):
             parse_cpulist(config.getoption("--online-cpus"))
         _column_configs(config)
@@ -154,7 +159,10 @@ def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
     key = request.param
     if key not in _BACKENDS:
         try:
-            _BACKENDS[key] = from_config(key, _defaults(request.config))
+            _BACKENDS[key] = built = from_config(key, _defaults(request.config))
+            wrong = request.config.getoption("--predict-profile")
+            if wrong and not key.startswith("sim"):
+                built.profile = wrong  # type: ignore[misc]
         except Unavailable as e:
             _BACKENDS[key] = e
     found = _BACKENDS[key]

@@ -63,8 +63,10 @@ class SimBackend:
 
     @property
     def env(self) -> dict:
-        row = registry.lookup(self.sim_profile or self.profile)[0]
-        return {"kernel_release": f"simulated ({row.sim_kernel_row})", "libbpf": f"simulated ({row.loader_row})",
+        row = registry.lookup(self.profile)[0]  # a broken simulator row (sim_profile) is the simulator's own
+        kernel, loader = (self.sim_profile, self.sim_profile) if self.sim_profile else (row.sim_kernel_row,
+                                                                                       row.loader_row)
+        return {"kernel_release": f"simulated ({kernel})", "libbpf": f"simulated ({loader})",
                 "libbpf_path": "backends/objload.py", "bpftool": None, "accelerator": "none (simulated)",
                 "possible_cpus": self.possible_cpus, "online_cpus": list(self.online_cpus)}
 
