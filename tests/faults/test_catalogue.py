@@ -42,7 +42,6 @@ from tests.faults.catalogue import FAULTS, PROPERTIES, ROOT, Fault
 CI = settings.get_profile("ci")
 # test_verifier runs ten times the profile's budget: its cases are cheap (a few ms)
 VERIFIER_FACTOR = 10
-MAX_SECONDS = 60
 # Shrinking re-compiles every candidate; a large first failure can take most of a minute to shrink. After this
 # long only examples already seen failing are checked again, so Hypothesis settles on the smallest so far.
 SHRINK_SECONDS = 15
@@ -273,4 +272,5 @@ def test_fault_is_caught(clang, fault_rows, record_property, fault: Fault):
         f"{fault.name}: caught by {caught.prop} blaming {caught.layer}, expected {fault.caught_by} blaming "
         f"{fault.layer}:\n{caught.error}")
     assert caught.reproducer is not None, f"{fault.name}: no falsifying example was kept"
-    assert total < MAX_SECONDS, f"{fault.name}: caught only after {total:.1f}s"
+    # the time to catch is measured (seconds_to_detect, the bench's faults.json), never asserted: a loaded
+    # machine would make a wall-clock bound flaky
