@@ -27,6 +27,7 @@ from oracle.objectset import predict_set
 from oracle.predict import predict
 from oracle.profiles import PROFILES, UnknownProfile
 from oracle.profiles import profile as profile_named
+from schema.profiles import lowered_profile
 from schema.result import compare, compare_set
 from suites.gate import sample_models
 from suites.sets import (
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(f"  {case} {kind}: the guest could not observe it: {observed['error']['message']}")
             continue
-        profile = "merged" if kind == "lowered" else observed["env"]["profile"]
+        profile = lowered_profile(observed["env"]["profile"]) if kind == "lowered" else observed["env"]["profile"]
         try:
             prof = profile_named(profile)
         except UnknownProfile:
@@ -173,9 +174,7 @@ def _check_set(case: str, kind: str, compiled: CompiledSet, observed: dict, outc
         print(f"  {case} {kind}: the guest could not observe it: {observed['error']['message']}")
         return 1
     env = observed["env"]
-    from backends.kernel.observe import kernel_modifiers
-
-    profile = "merged" + kernel_modifiers(env["features"]) if kind == "set-lowered" else env["profile"]
+    profile = lowered_profile(env["profile"]) if kind == "set-lowered" else env["profile"]
     try:
         prof = profile_named(profile)
     except UnknownProfile:
