@@ -15,6 +15,7 @@ conformance: setup
 	$(TOX) -e conformance -- $(ARGS)
 
 test: setup
+	@VENV=$(VENV) bash scripts/setup.sh stack-deps
 	$(TOX) -e lint,unit -- $(ARGS)
 
 vm-smoke: setup

@@ -12,7 +12,8 @@ if [ "${1:-}" = vm ]; then
 fi
 # `setup.sh stack`: what provisioning the real stack needs (apt-get download, dpkg-deb, depmod, the libbpf and
 # bpftool builds); the packages themselves are only unpacked into the cache, never installed
-if [ "${1:-}" = stack ]; then
+# (`setup.sh stack-deps`: only those packages, for the suite's own tests of provisioning)
+if [ "${1:-}" = stack ] || [ "${1:-}" = stack-deps ]; then
   APT_PACKAGES+=(debian-archive-keyring xz-utils kmod make pkg-config libelf-dev zlib1g-dev libcap-dev)
 fi
 missing=()
