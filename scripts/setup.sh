@@ -14,7 +14,7 @@ fi
 # bpftool builds); the packages themselves are only unpacked into the cache, never installed
 # (`setup.sh stack-deps`: only those packages, for the suite's own tests of provisioning)
 if [ "${1:-}" = stack ] || [ "${1:-}" = stack-deps ]; then
-  APT_PACKAGES+=(debian-archive-keyring xz-utils kmod make pkg-config libelf-dev zlib1g-dev libcap-dev)
+  APT_PACKAGES+=(debian-archive-keyring xz-utils kmod make pkg-config libelf-dev zlib1g-dev libcap-dev libssl-dev)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
