@@ -2,8 +2,10 @@
 
 Fuzz the conformance properties for a time budget with the `nightly` Hypothesis profile, keeping Hypothesis's
 example database in DIR across runs (failing examples found before are replayed first). Runs pytest in rounds
-until the budget is spent; the round in progress is stopped at the budget. Ends with a short summary of the
-failure bundles that appeared during this run."""
+until the budget is spent; the round in progress is stopped at the budget. Pytest arguments pass through, e.g.
+`--backend vm` for the real stack. Ends with a short summary of the failure bundles that appeared during this
+run. Exit 0 nothing new, 1 new findings, and pytest's own code when it refuses the run (3 toolchain, 4 usage, 6 a
+requested backend that cannot run)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
             rc = 0 if rc in (2, -signal.SIGINT) else rc  # interrupted by the budget, not a failure
+        if rc in (3, 4, 6):  # toolchain, usage, a requested backend that cannot run: another round won't help
+            print(f"nightly: pytest refused the run (exit {rc}); see its line above", file=sys.stderr)
+            return rc
         worst = max(worst, rc if rc not in (5,) else 0)
+        found = len(set(failures.iterdir()) - seen) if failures.exists() else 0
+        print(f"nightly: round {rounds} ended (exit {rc}); {max(0.0, deadline - time.monotonic()):.0f}s left; "
+              f"{found} new finding(s) so far", flush=True)
     new = sorted(set(failures.iterdir()) - seen) if failures.exists() else []
     entries = sum(1 for p in args.database.rglob("*") if p.is_file())
     print(f"nightly: {rounds} round(s) in {args.budget:g}s; database {args.database} holds {entries} entries; "

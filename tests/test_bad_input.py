@@ -74,3 +74,10 @@ def test_oracle_predict_of_a_run_on_a_cpu_that_is_not_online(tmp_path):
     (tmp_path / "m.json").write_text(dumps(model))
     done = _run("-m", "oracle", "predict", str(tmp_path / "m.json"), tmp_path=tmp_path)
     assert done.returncode == 2 and "CPU 9, which is not online" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_nightly_with_a_bad_profile_stops_with_pytest_usage_code(tmp_path):
+    done = _run("-m", "suites.nightly", "--budget", "60", "--database", str(tmp_path / "db"), "--profile", "bogus",
+                tmp_path=tmp_path)
+    assert done.returncode == 4, done.stdout[-1000:] + done.stderr[-1000:]
+    assert "pytest refused the run (exit 4)" in done.stderr
