@@ -24,26 +24,26 @@ from pathlib import Path
 from toolchain.btf import LINKAGE_STATIC, Btf, BtfError, BtfType, fixup_datasecs
 from toolchain.elf import Function, ObjectFacts, Section
 from toolchain.insn import BPF_CALL, BPF_JMP, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, Insn
+from toolchain.uapi import (  # noqa: F401  (re-exported to the simulator)
+    BPF_ANY,
+    BPF_EXIST,
+    BPF_F_ALL_CPUS,
+    BPF_F_CPU,
+    BPF_F_MMAPABLE,
+    BPF_F_RDONLY,
+    BPF_F_RDONLY_PROG,
+    BPF_F_WRONLY,
+    BPF_F_WRONLY_PROG,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_ARRAY_OF_MAPS,
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_HASH_OF_MAPS,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_PROG_ARRAY,
+    BPF_NOEXIST,
+    BPF_OBJ_NAME_LEN,
+)
 
-# enum bpf_map_type (the ones the suite creates)
-BPF_MAP_TYPE_HASH = 1
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PROG_ARRAY = 3
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
-BPF_MAP_TYPE_HASH_OF_MAPS = 13
-# map_flags
-BPF_F_RDONLY = 0x8
-BPF_F_WRONLY = 0x10
-BPF_F_RDONLY_PROG = 0x80
-BPF_F_WRONLY_PROG = 0x100
-BPF_F_MMAPABLE = 0x400
-# map update/lookup flags
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
-BPF_F_CPU = 8
-BPF_F_ALL_CPUS = 16
-
-BPF_OBJ_NAME_LEN = 16
 LIBBPF_ERRNO__RELOC = 4005
 SHN_LORESERVE = 0xFF00
 

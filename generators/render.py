@@ -51,8 +51,8 @@ static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 """
 
 UNSIGNED_OF_SIZE = {1: "__u8", 2: "__u16", 4: "__u32", 8: "__u64"}
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_PROG_ARRAY = 3
+from toolchain.uapi import BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PROG_ARRAY  # noqa: E402, F401
+
 TAIL_CALL_HELPER = "static long (*bpf_tail_call)(void *ctx, void *prog_array_map, __u32 index) = (void *)12;"
 
 

@@ -15,8 +15,7 @@ from oracle.predict import Loaded, object_name, predict_load, run_entry, snapsho
 from oracle.profiles import Profile
 from schema.result import REUSE_FAILED, new_result, new_set_result, not_opened
 from toolchain.elf import ObjectFacts
-
-BPF_OBJ_NAME_LEN = 16
+from toolchain.uapi import BPF_OBJ_NAME_LEN  # noqa: E402
 
 
 def reused_map_name(own: str, source_kernel_name: str) -> str:

@@ -11,9 +11,8 @@ from dataclasses import dataclass, replace
 
 from schema import profiles as registry
 from schema.profiles import UnknownProfile
+from toolchain.uapi import BPF_F_MMAPABLE, BPF_F_RDONLY_PROG  # noqa: E402, F401  (re-exported to the oracle)
 
-BPF_F_MMAPABLE = 0x400
-BPF_F_RDONLY_PROG = 0x80
 PERCPU_VALUE_LIMIT = 32 * 1024  # pcpu allocator unit: round_up(value_size, 8) above this is E2BIG [V]
 LIBBPF_ERRNO__RELOC = 4005
 EPERM, EINVAL, E2BIG, EOPNOTSUPP, EACCES = 1, 22, 7, 95, 13

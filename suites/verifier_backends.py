@@ -10,9 +10,8 @@ from generators.asm import VerifierCase, assemble
 from generators.ctype import round_up
 from oracle.verifier import predict_case, predict_contents
 from schema.result import Result, map_entry, new_env, new_result, program_entry
+from toolchain.uapi import BPF_F_RDONLY_PROG, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY  # noqa: E402
 
-BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY = 2, 6
-BPF_F_RDONLY_PROG = 0x80
 MAP_TYPES = {"array": BPF_MAP_TYPE_ARRAY, "percpu_array": BPF_MAP_TYPE_PERCPU_ARRAY}
 
 Runs = Sequence[tuple[int, int]]  # (cpu, count)

@@ -108,31 +108,31 @@ BPF_TRACE_FEXIT = 25
 # BPF_LINK_CREATE wants the program's expected_attach_type back (libbpf passes 0 too). The name is the suite's.
 BPF_TRACE_FREPLACE = 0
 
-# Map creation flags.
-BPF_F_NO_PREALLOC = 0x1
-BPF_F_RDONLY = 0x8
-BPF_F_WRONLY = 0x10
-BPF_F_RDONLY_PROG = 0x80
-BPF_F_WRONLY_PROG = 0x100
-BPF_F_MMAPABLE = 0x400
-# Element update/lookup flags. BPF_F_CPU / BPF_F_ALL_CPUS exist only on new kernels; with BPF_F_CPU the
-# target CPU goes in the upper 32 bits of the flags.
-BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
-BPF_F_LOCK = 4
-BPF_F_CPU = 8
-BPF_F_ALL_CPUS = 16
-# BPF_PROG_TEST_RUN flags.
-BPF_F_TEST_RUN_ON_CPU = 1 << 0
-BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+# Map, element and test-run flags: toolchain.uapi (BPF_F_CPU / BPF_F_ALL_CPUS exist only on new kernels).
+from toolchain.uapi import (  # noqa: E402, F401  (re-exported: callers name them bpf.BPF_F_...)
+    BPF_ANY,
+    BPF_EXIST,
+    BPF_F_ALL_CPUS,
+    BPF_F_CPU,
+    BPF_F_LOCK,
+    BPF_F_MMAPABLE,
+    BPF_F_NO_PREALLOC,
+    BPF_F_RDONLY,
+    BPF_F_RDONLY_PROG,
+    BPF_F_TEST_RUN_ON_CPU,
+    BPF_F_TEST_XDP_LIVE_FRAMES,
+    BPF_F_WRONLY,
+    BPF_F_WRONLY_PROG,
+    BPF_NOEXIST,
+    BPF_OBJ_NAME_LEN,
+)
+
 # Program load flags.
 BPF_F_STRICT_ALIGNMENT = 1 << 0
 BPF_F_ANY_ALIGNMENT = 1 << 1
 BPF_F_TEST_RND_HI32 = 1 << 2
 BPF_F_SLEEPABLE = 1 << 4
 
-BPF_OBJ_NAME_LEN = 16
 
 # Larger than any bpf_attr member this module fills (the newest kernels' PROG_LOAD ends near 168 bytes);
 # the kernel accepts a larger size as long as the bytes it does not know are zero.

@@ -47,12 +47,13 @@ __all__ = [
 # enum libbpf_print_level
 LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_F_RDONLY_PROG = 1 << 7
-BPF_F_MMAPABLE = 1 << 10
-# linux/bpf.h: run the test on the CPU named in bpf_attr.test.cpu.
-BPF_F_TEST_RUN_ON_CPU = 1 << 0
+from toolchain.uapi import (  # noqa: E402, F401  (re-exported)
+    BPF_F_MMAPABLE,
+    BPF_F_RDONLY_PROG,
+    BPF_F_TEST_RUN_ON_CPU,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+)
 
 # enum libbpf_errno: libbpf's own error codes, above the kernel's errno range.
 _LIBBPF_ERRNO_NAMES = {
