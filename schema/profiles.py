@@ -53,6 +53,8 @@ class Modifier:
     # machine), None for none
     lowered: str | None
     summary: str
+    # another modifier whose selection explains the same probe result, so this one is not selected with it
+    unless: str | None = None
 
 
 PROFILES: Mapping[str, ProfileRow] = {r.name: r for r in (
@@ -89,7 +91,9 @@ PROFILES: Mapping[str, ProfileRow] = {r.name: r for r in (
 )}
 
 MODIFIERS: Mapping[str, Modifier] = {m.name: m for m in (
-    Modifier(name="noext", feature="freplace", selected_when=False, lowered="noext",
+    # With the JIT off the extension probe fails for want of the JIT ("Extension programs should be JITed",
+    # EINVAL), which +jitoff predicts; +noext is the program type itself refused (EPERM) [found on 7.3.4]
+    Modifier(name="noext", feature="freplace", selected_when=False, lowered="noext", unless="jitoff",
              summary="BPF_PROG_TYPE_EXT refused at load (EPERM, empty log)"),
     # bpf_jit_enable=0 on a kernel without CONFIG_BPF_JIT_ALWAYS_ON: a program using per-CPU data is refused
     # after verification, and libbpf's FEAT_PERCPU_DATA probe with it; extension programs are refused too
@@ -138,8 +142,9 @@ def lowered_profile(name: str) -> str:
 
 def modifiers_for(features: Mapping[str, bool | None]) -> tuple[str, ...]:
     """The modifiers a machine's probed features select, in MODIFIERS order."""
-    return tuple(m.name for m in MODIFIERS.values()
-                 if m.feature is not None and features.get(m.feature) is m.selected_when)
+    selected = {m.name for m in MODIFIERS.values()
+                if m.feature is not None and features.get(m.feature) is m.selected_when}
+    return tuple(m for m in MODIFIERS if m in selected and MODIFIERS[m].unless not in selected)
 
 
 def kernel_has_percpu_data(features: Mapping[str, bool | None]) -> bool:
