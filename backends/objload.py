@@ -24,23 +24,14 @@ from pathlib import Path
 from toolchain.btf import LINKAGE_STATIC, Btf, BtfError, BtfType, fixup_datasecs
 from toolchain.elf import Function, ObjectFacts, Section
 from toolchain.insn import BPF_CALL, BPF_JMP, BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, Insn
-from toolchain.uapi import (  # noqa: F401  (re-exported to the simulator)
-    BPF_ANY,
-    BPF_EXIST,
-    BPF_F_ALL_CPUS,
-    BPF_F_CPU,
+from toolchain.uapi import (
     BPF_F_MMAPABLE,
-    BPF_F_RDONLY,
     BPF_F_RDONLY_PROG,
-    BPF_F_WRONLY,
-    BPF_F_WRONLY_PROG,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_ARRAY_OF_MAPS,
-    BPF_MAP_TYPE_HASH,
     BPF_MAP_TYPE_HASH_OF_MAPS,
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_PROG_ARRAY,
-    BPF_NOEXIST,
     BPF_OBJ_NAME_LEN,
 )
 

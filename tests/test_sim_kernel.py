@@ -7,15 +7,6 @@ import errno
 
 import pytest
 
-from backends.objload import (
-    BPF_F_ALL_CPUS,
-    BPF_F_CPU,
-    BPF_F_MMAPABLE,
-    BPF_F_RDONLY_PROG,
-    BPF_MAP_TYPE_ARRAY,
-    BPF_MAP_TYPE_PERCPU_ARRAY,
-    BPF_MAP_TYPE_PROG_ARRAY,
-)
 from backends.sim.interp import BpfFault
 from backends.sim.kernel import KERNEL_PROFILES, SimError, SimKernel
 from toolchain.insn import (
@@ -42,6 +33,15 @@ from toolchain.insn import (
     mov64_reg,
     st_mem,
     stx_mem,
+)
+from toolchain.uapi import (
+    BPF_F_ALL_CPUS,
+    BPF_F_CPU,
+    BPF_F_MMAPABLE,
+    BPF_F_RDONLY_PROG,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_PROG_ARRAY,
 )
 
 PCPU, ARRAY = BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_ARRAY

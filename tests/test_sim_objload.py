@@ -11,10 +11,6 @@ from pathlib import Path
 import pytest
 
 from backends.objload import (
-    BPF_F_MMAPABLE,
-    BPF_F_RDONLY_PROG,
-    BPF_MAP_TYPE_ARRAY,
-    BPF_MAP_TYPE_PERCPU_ARRAY,
     LIBBPF_ERRNO__RELOC,
     LOADER_PROFILES,
     OpenFailure,
@@ -28,6 +24,7 @@ from backends.objload import (
 from toolchain.clang import Clang, ToolchainError, compile_c
 from toolchain.elf import read_object
 from toolchain.insn import BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE
+from toolchain.uapi import BPF_F_MMAPABLE, BPF_F_RDONLY_PROG, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY
 
 PRELUDE = """\
 #define SEC(n) __attribute__((section(n), used))

@@ -8,7 +8,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, find, given, settings
 
-from backends.objload import BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PROG_ARRAY, LOADER_PROFILES, prepare
+from backends.objload import LOADER_PROFILES, prepare
 from backends.sim.observe import observe
 from corpus.edges import tail_call_shared_variable
 from generators.ctype import Scalar
@@ -35,6 +35,7 @@ from oracle.profiles import profile
 from oracle.runtime import MAX_TAIL_CALLS
 from schema.result import compare, map_entry, new_env, new_result, validate
 from suites.support import compile_global, compile_lowered, lowered_as_global, percpu_offsets, runs_of
+from toolchain.uapi import BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PROG_ARRAY
 
 U32, U64 = Scalar("u32"), Scalar("u64")
 POSSIBLE, ONLINE = 4, (1, 3)

@@ -50,6 +50,7 @@ from toolchain import insn as I
 from toolchain.btf import Btf, BtfError, fixup_datasecs
 from toolchain.btf import encode as btf_encode
 from toolchain.elf import ObjectFacts, read_object
+from toolchain.uapi import BPF_MAP_TYPE_PROG_ARRAY
 
 __all__ = [
     "BackendUnavailable", "Run", "environment", "kernel_features", "libbpf_knows_percpu", "libbpf_profile_name",
@@ -167,7 +168,7 @@ def _stride(value_size: int) -> int:
 
 def _read_key0(fd: int, map_type: int, key_size: int, value_size: int, ncpus: int) -> list[str] | None:
     """Key 0's value: one hex slot per possible CPU for per-CPU maps, else one; None when there is none."""
-    if map_type == objload.BPF_MAP_TYPE_PROG_ARRAY:
+    if map_type == BPF_MAP_TYPE_PROG_ARRAY:
         return None  # prog arrays hold programs (a lookup gives a program id that changes every load), not bytes
     percpu = map_type in bpf.PERCPU_MAP_TYPES
     length = ncpus * _stride(value_size) if percpu else max(value_size, 1)

@@ -22,7 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from backends.objload import (
+from backends.objload import FuncSpec, round_up
+from backends.sim import verifier as vf
+from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, link_program, run
+from schema.profiles import UnknownProfile, join_modifiers, split_modifiers
+from toolchain.insn import Insn
+from toolchain.uapi import (
     BPF_ANY,
     BPF_EXIST,
     BPF_F_ALL_CPUS,
@@ -36,13 +41,7 @@ from backends.objload import (
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_PROG_ARRAY,
     BPF_NOEXIST,
-    FuncSpec,
-    round_up,
 )
-from backends.sim import verifier as vf
-from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, link_program, run
-from schema.profiles import UnknownProfile, join_modifiers, split_modifiers
-from toolchain.insn import Insn
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1

@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from backends.objload import (
-    BPF_F_ALL_CPUS,
-    BPF_MAP_TYPE_ARRAY,
-    BPF_MAP_TYPE_PERCPU_ARRAY,
     LOADER_PROFILES,
     LoaderProfile,
     MapSpec,
@@ -52,6 +49,7 @@ from schema.result import (
 )
 from toolchain.elf import ObjectFacts, read_object
 from toolchain.insn import BPF_DW, exit_insn, ld_map_value, ldx_mem
+from toolchain.uapi import BPF_F_ALL_CPUS, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY
 
 # Deliberately broken rows, run with `--sim-profile` to see the suite catch them: name -> (loader row, kernel row).
 # They are predicted by the registry profile `merged`.

@@ -23,15 +23,15 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Union
 
-from backends.objload import (
+from toolchain import insn as isa
+from toolchain.insn import Insn
+from toolchain.uapi import (
     BPF_F_RDONLY_PROG,
     BPF_F_WRONLY_PROG,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_PROG_ARRAY,
 )
-from toolchain import insn as isa
-from toolchain.insn import Insn
 
 if TYPE_CHECKING:
     from backends.sim.kernel import KernelProfile, SimMap

@@ -22,21 +22,20 @@ import backends.objload as objload
 import backends.sim.kernel as sim_kernel
 import backends.sim.observe as sim_observe
 import backends.sim.verifier as sim_verifier
-from backends.objload import (
-    BPF_ANY,
-    BPF_F_ALL_CPUS,
-    BPF_F_CPU,
-    BPF_F_MMAPABLE,
-    BPF_MAP_TYPE_PERCPU_ARRAY,
-    LOADER_PROFILES,
-    LoaderProfile,
-    PreparedObject,
-)
+from backends.objload import LOADER_PROFILES, LoaderProfile, PreparedObject
 from backends.sim.kernel import BASE_MESSAGES, KERNEL_PROFILES, SimKernel
 from generators.asm import VerifierCase
 from generators.model import Access, Call, ProgramModel, StoreCpu
 from generators.strategies import PERCPU_SECTIONS
 from toolchain.elf import ObjectFacts
+from toolchain.uapi import (
+    BPF_ANY,
+    BPF_F_ALL_CPUS,
+    BPF_F_CPU,
+    BPF_F_MMAPABLE,
+    BPF_F_RDONLY_PROG,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -259,7 +258,7 @@ def percpu_folded(mp: pytest.MonkeyPatch) -> None:
                write: bool, signed: bool = False) -> sim_verifier.Value:
         value = access(self, pc, regno, ptr, off, size, write=write, signed=signed)
         m = self.maps[ptr.map_fd]
-        if write or m.percpu is None or not (m.flags & objload.BPF_F_RDONLY_PROG and m.frozen):
+        if write or m.percpu is None or not (m.flags & BPF_F_RDONLY_PROG and m.frozen):
             return value
         total = ptr.off + off
         raw = int.from_bytes(m.percpu[0][total:total + size], "little")
