@@ -81,13 +81,3 @@ def test_nightly_with_a_bad_profile_stops_with_pytest_usage_code(tmp_path):
                 tmp_path=tmp_path)
     assert done.returncode == 4, done.stdout[-1000:] + done.stderr[-1000:]
     assert "pytest refused the run (exit 4)" in done.stderr
-
-
-def test_last_failed_reruns_only_the_failure(tmp_path):
-    """--lf works: pytest's cache is on (it was switched off, and --lf then silently ran everything)."""
-    args = ("-m", "pytest", "suites/test_runtime.py", "-p", "no:randomly", "-k", "corpus", "-x",
-            "--backend", "sim", "--sim-profile", "merged-norewrite", "-o", f"cache_dir={tmp_path / 'cache'}")
-    first = _run(*args, tmp_path=tmp_path)
-    assert first.returncode == 1, first.stdout[-1000:]
-    again = _run(*args, "--lf", tmp_path=tmp_path)
-    assert "run-last-failure: rerun previous 1 failure" in again.stdout, again.stdout[:2000]
