@@ -200,6 +200,8 @@ def resolve(ctype: CType, path: Path) -> LeafSlot:
             off += step * cur.elem.size
             cur = cur.elem
         elif isinstance(cur, Record):
+            if not isinstance(step, str):
+                raise ValueError(f"path {path} indexes a record with {step!r}")
             idx = [f.name for f in cur.fields].index(step)
             off += cur.offsets()[idx]
             cur = cur.fields[idx].type

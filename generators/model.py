@@ -235,9 +235,9 @@ class ObjectSet:
 
 
 # JSON: every dataclass becomes {"@type": ClassName, ...fields}; tuples become lists and come back as tuples.
-_CLASSES = {c.__name__: c for c in (Scalar, Enum, Array, Field, Record, Variable, Access, Store, Add, Copy,
-                                    StoreCpu, Branch, Call, TailCall, Replace, Function, Run, ProgramModel,
-                                    MapReuse, ObjectSet)}
+_CLASSES: dict[str, type] = {c.__name__: c for c in (
+    Scalar, Enum, Array, Field, Record, Variable, Access, Store, Add, Copy, StoreCpu, Branch, Call, TailCall, Replace,
+    Function, Run, ProgramModel, MapReuse, ObjectSet)}
 
 
 def register_json_classes(*classes: type) -> None:

@@ -273,7 +273,7 @@ def object_sets(draw: st.DrawFn, cpus: Sequence[int] = (0, 1), *, max_objects: i
     first = _rename(draw(program_models(cpus, max_vars=4, max_programs=2, max_runs=0, tail_calls=False)), "a_")
     subs = [f for f in first.functions if f.subprogram]
     target: tuple[str, str] | None = None
-    if subs and draw(st.booleans()):
+    if bool(subs) and draw(st.booleans()):
         sub = subs[0]  # the first subprogram: only programs call it, so it can be exported
         # the target program calls it unconditionally: a call under a branch clang proves dead is dropped,
         # and an extension of a function its target does not contain is refused ("Subprog ... doesn't exist")

@@ -58,9 +58,9 @@ def predict_set(model: ObjectSet, facts: Sequence[ObjectFacts], profile: Profile
         snapshot(s, "before")
     for run in model.schedule:
         k = by_name[model.owner(run.program).name]
-        state = states[k]
-        if state is not None and state.machine is not None:
-            state.result["runs"].append(run_entry(state, run))
+        owner = states[k]
+        if owner is not None and owner.machine is not None:
+            owner.result["runs"].append(run_entry(owner, run))
     for s in live:
         snapshot(s, "after")
     env = results[0]["env"]

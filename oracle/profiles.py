@@ -8,6 +8,7 @@ is a (libbpf, kernel) pair. Confidence marks follow the spec: [V] primary source
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from schema import profiles as registry
 from schema.profiles import UnknownProfile
@@ -133,7 +134,8 @@ __all__ = ["KERNEL", "KERNEL_MODIFIERS", "LIBBPF", "PROFILES", "KernelAxis", "Li
 def _modified(kernel: KernelAxis, modifiers: tuple[str, ...]) -> KernelAxis:
     if not modifiers:
         return kernel
-    changes = {k: v for m in modifiers for k, v in KERNEL_MODIFIERS[m].items()}
+    # Any: each key is a different KernelAxis field, which replace() checks at run time
+    changes: dict[str, Any] = {k: v for m in modifiers for k, v in KERNEL_MODIFIERS[m].items()}
     return replace(kernel, name=registry.join_modifiers(kernel.name, modifiers), **changes)
 
 

@@ -7,6 +7,7 @@ non-BPF file raises `ObjectError` with a one-line reason.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import SymbolTableSection
 
 from toolchain.insn import Insn, decode
 
@@ -98,6 +100,13 @@ class ObjectFacts:
     def section(self, name: str) -> Section | None:
         return next((s for s in self.sections if s.name == name), None)
 
+    def require_section(self, name: str) -> Section:
+        """The section a compiled model declares: its absence is a KeyError naming the object."""
+        sec = self.section(name)
+        if sec is None:
+            raise KeyError(f"{self.path}: no section {name}")
+        return sec
+
     def section_by_index(self, index: int) -> Section | None:
         return next((s for s in self.sections if s.index == index), None)
 
@@ -142,7 +151,7 @@ _CACHE: dict[tuple[str, int, int, int], ObjectFacts] = {}
 _CACHE_LIMIT = 256
 
 
-def read_object(path: str | Path) -> ObjectFacts:
+def read_object(path: str | os.PathLike[str]) -> ObjectFacts:
     """Facts of one object; memoised by (path, inode, size, mtime) since every stage reads the same file."""
     path = Path(path)
     try:
@@ -196,7 +205,7 @@ def _parse(path: Path, raw: bytes) -> ObjectFacts:
         sections.append(s)
         by_index[i] = s
     symtab = next((sec for sec in elf_sections if sec.name == ".symtab"), None)
-    if symtab is None:
+    if not isinstance(symtab, SymbolTableSection):
         raise ObjectError(f"{path}: no symbol table")
     symbols = []
     for i, sym in enumerate(symtab.iter_symbols()):

@@ -157,6 +157,10 @@ _LOG_NOISE = re.compile(
 class BpfError(OSError):
     """A failed bpf(2) command, with the verifier (or BTF) log when there was one."""
 
+    # OSError allows None for both; __init__ always sets them from a real errno
+    errno: int
+    strerror: str
+
     def __init__(self, err: int, op: str, log: str = "") -> None:
         super().__init__(err, os.strerror(err))
         self.op = op
@@ -406,6 +410,8 @@ def prog_load(prog_type: int, insns: bytes, *, license: str = "GPL", name: str =
     li_buf = ctypes.create_string_buffer(line_info, len(line_info)) if line_info else None
     fds_buf = (ctypes.c_int * len(fd_array))(*(int(f) for f in fd_array)) if fd_array else None
     fds_addr = ctypes.addressof(fds_buf) if fds_buf is not None else 0
+    func_info_cnt = len(func_info) // func_info_rec_size if func_info else 0
+    line_info_cnt = len(line_info) // line_info_rec_size if line_info else 0
 
     def attempt(level: int, size: int) -> tuple[int, str, int]:
         log_buf = ctypes.create_string_buffer(size) if level else None
@@ -417,9 +423,8 @@ def prog_load(prog_type: int, insns: bytes, *, license: str = "GPL", name: str =
                          0, expected_attach_type, int(prog_btf_fd),
                          func_info_rec_size if fi_buf is not None else 0)
         struct.pack_into("<QIIQIIIIQ", attr, 80,
-                         _addr(fi_buf), len(func_info) // func_info_rec_size if fi_buf is not None else 0,
-                         line_info_rec_size if li_buf is not None else 0, _addr(li_buf),
-                         len(line_info) // line_info_rec_size if li_buf is not None else 0,
+                         _addr(fi_buf), func_info_cnt,
+                         line_info_rec_size if li_buf is not None else 0, _addr(li_buf), line_info_cnt,
                          attach_btf_id, int(attach_prog_fd), 0, fds_addr)
         ret = _syscall(SYS_BPF, BPF_PROG_LOAD, ctypes.addressof(attr), ctypes.sizeof(attr))
         err = ctypes.get_errno() if ret < 0 else 0
@@ -447,9 +452,9 @@ def prog_test_run(prog_fd: FdLike, *, cpu: int | None = None, ctx_in: bytes | No
         flags |= BPF_F_TEST_RUN_ON_CPU
     attr = _attr()
     struct.pack_into("<IIIIQQIIIIQQII", attr, 0,
-                     int(prog_fd), 0, len(data_in) if din is not None else 0, data_out_size,
+                     int(prog_fd), 0, len(data_in) if data_in else 0, data_out_size,
                      _addr(din), _addr(dout), repeat, 0,
-                     len(ctx_in) if cin is not None else 0, ctx_out_size, _addr(cin), _addr(cout),
+                     len(ctx_in) if ctx_in else 0, ctx_out_size, _addr(cin), _addr(cout),
                      flags, cpu if cpu is not None else 0)
     _sys_bpf(BPF_PROG_TEST_RUN, attr)
     retval, _, data_size_out = struct.unpack_from("<III", attr, 4)

@@ -23,7 +23,7 @@ import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from backends import objload
 from backends.kernel import bpf, probes
@@ -295,7 +295,7 @@ class _Session:
         self.loaded = False  # every program accepted: the object counts as loaded
         self.prog_fds: dict[str, int] = {}
 
-    def __enter__(self) -> _Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

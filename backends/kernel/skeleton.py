@@ -69,7 +69,9 @@ def _struct_bodies(header: str, name: str) -> dict[str, str]:
 
 def _member_names(body: str) -> list[str]:
     """Names of the top-level members of a struct body (nested struct/union bodies are skipped)."""
-    names, depth, decl = [], 0, []
+    names: list[str] = []
+    decl: list[str] = []  # the characters of the member being read
+    depth = 0
     for ch in body:
         if ch == "{":
             depth += 1

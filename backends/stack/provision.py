@@ -274,7 +274,7 @@ def download(pins: StackPins, stack_dir: Path, log: Log) -> list[Path]:
             os.replace(src, debs / src.name)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    size = sum(found[p].stat().st_size for p in missing)  # type: ignore[union-attr]
+    size = sum(path.stat().st_size for p in missing if (path := found[p]) is not None)
     _log_step(log, pins, "download", f"{len(missing)} package(s), {size / 1e6:.1f} MB from {archive} {pins.suite}",
               started)
     return [path for path in found.values() if path is not None]
