@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from schema import profiles as registry
 from schema.objectset import SetPlan
 from schema.result import Result
 from suites.support import Compiled
+
+if TYPE_CHECKING:
+    from toolchain.clang import Clang
 
 Runs = Sequence[tuple[str, int, int]]
 CaseRuns = Sequence[tuple[int, int]]  # (cpu, count) of an instruction-level verifier case
@@ -33,11 +36,19 @@ class Unavailable(RuntimeError):
 
 class Backend(Protocol):
     name: str
-    config: str  # the configuration string that builds it again (from_config), paths included
     profile: str  # the oracle profile its observations are predicted by
     possible_cpus: int
     online_cpus: tuple[int, ...]
-    modifiers: str  # probed kernel facts beside the feature, as profile suffixes ("+noext")
+
+    @property
+    def config(self) -> str:
+        """The configuration string that builds it again (from_config), paths included."""
+        ...
+
+    @property
+    def modifiers(self) -> str:
+        """Probed kernel facts beside the feature, as profile suffixes ("+noext")."""
+        ...
 
     def observe(self, compiled: Compiled, runs: Runs, initial_values: Mapping[str, bytes] | None = None) -> Result:
         ...
@@ -103,7 +114,7 @@ class SimBackend:
 class KernelBackend:
     loader: registry.Loader
     libbpf_path: str | None
-    clang: object
+    clang: Clang
     name: str = ""
     profile: str = ""
     modifiers: str = ""  # probed kernel facts as profile suffixes ("+noext")

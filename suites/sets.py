@@ -119,7 +119,7 @@ def lowered_set_initial(compiled: CompiledSet, expected: dict) -> tuple[dict[str
     out = []
     for c, exp in zip(compiled.objects, expected["objects"], strict=True):
         offsets = percpu_offsets(c)
-        out.append({section_ident(m["section"]): c.facts.section(m["section"]).data.ljust(
+        out.append({section_ident(m["section"]): c.facts.require_section(m["section"]).data.ljust(
             lowered_value_size(c.model, offsets, m["section"]), b"\0")
             for m in exp["maps"] if m["type"] == "percpu_array"})
     return tuple(out)

@@ -25,7 +25,7 @@ def check_placement(model: ProgramModel, facts: ObjectFacts) -> None:
         spans.sort()
         for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
             assert end <= start, f"{a} and {b} overlap in {section}"
-        size = facts.section(section).size
+        size = facts.require_section(section).size
         assert spans[-1][1] <= size, f"{section} ({size} bytes) does not cover {spans[-1][2]}"
 
 

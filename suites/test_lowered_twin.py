@@ -37,7 +37,7 @@ def check_lowered_twin(clang, backend, model: ProgramModel) -> None:
     for m in expected["maps"]:
         if m["type"] == "percpu_array":
             size = lowered_value_size(model, offsets, m["section"])
-            initial[section_ident(m["section"])] = compiled.facts.section(m["section"]).data.ljust(size, b"\0")
+            initial[section_ident(m["section"])] = compiled.facts.require_section(m["section"]).data.ljust(size, b"\0")
     observed = backend.observe(lowered, runs_of(model), initial_values=initial)
     assert_same(f"lowered-{backend.name}", compiled, expected, lowered_as_global(observed, expected, model),
                 extra_sources={"lowered.c": lowered.source}, layers=("runtime",), meta=backend_meta(backend))

@@ -20,7 +20,7 @@ def check_images(prediction: Result, facts: ObjectFacts, possible_cpus: int) -> 
     for m in prediction["maps"]:
         if not m["created"] or m["section"] is None:  # a `.maps` map (jmp_table) has no section image
             continue
-        section = facts.section(m["section"])
+        section = facts.require_section(m["section"])
         expected = section.data[: m["value_size"]].ljust(m["value_size"], b"\0").hex()
         slots = m["before"]
         assert len(slots) == (possible_cpus if m["type"] == "percpu_array" else 1), f"{m['name']}: slot count"

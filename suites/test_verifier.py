@@ -55,7 +55,7 @@ def check_case(backend, case: VerifierCase) -> None:
 
 
 # cheap cases (a few ms each): ten times the profile's budget reaches every verdict class
-@settings(max_examples=10 * settings.default.max_examples)
+@settings(max_examples=10 * settings().max_examples)
 @given(verifier_cases())
 def test_verifier_verdicts_and_per_cpu_resolution_match_the_prediction(backend, case):
     check_case(backend, case)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from typing import Any
 
 from generators.asm import VerifierCase, assemble
 from generators.ctype import round_up
@@ -81,7 +82,7 @@ def observe_sim(case: VerifierCase, kernel_profile: str, possible: int, online: 
     from backends.sim.interp import BpfFault
 
     for cpu, n in runs:
-        entry = {"program": "case", "cpu": cpu, "count": n, "retval": []}
+        entry: dict[str, Any] = {"program": "case", "cpu": cpu, "count": n, "retval": []}
         for _ in range(n):
             try:
                 entry["retval"].append(k.test_run(prog, cpu) if prog else None)

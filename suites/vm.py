@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from corpus import CORPUS
 from corpus.sets import SET_CORPUS
@@ -57,7 +58,7 @@ def _lowered_initial(compiled: Compiled) -> dict[str, str]:
     for s in compiled.model.sections():
         if s == ".percpu" or s.startswith(".percpu."):
             size = lowered_value_size(compiled.model, offsets, s)
-            out[section_ident(s)] = compiled.facts.section(s).data.ljust(size, b"\0").hex()
+            out[section_ident(s)] = compiled.facts.require_section(s).data.ljust(size, b"\0").hex()
     return out
 
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         cpus = tuple(range(args.vm_cpus))
         models = [(f"corpus:{n}", fn(cpus)) for n, fn in sorted(CORPUS.items())]
         models += [(f"sample:{i}", m) for i, m in enumerate(sample_models(args.examples, cpus))]
-        plan, requests = [], []
+        plan = []
+        requests: list[dict[str, Any]] = []  # the guest's JSON requests (runner.run_batch)
         for case, model in models:
             compiled = compile_global(clang, model)
             lowered = compile_lowered(clang, compiled)
@@ -98,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         set_cases = [(f"sets:{n}", fn(cpus)) for n, fn in sorted(SET_CORPUS.items())]
         set_cases += [(f"set-sample:{i}", m) for i, m in enumerate(sample_sets(args.set_examples, cpus))]
         set_entries = []
-        for case, model in set_cases:
-            compiled_set = compile_set(clang, model)
+        for case, set_model in set_cases:
+            compiled_set = compile_set(clang, set_model)
             lowered_set = compile_set_lowered(clang, compiled_set)
-            merged = predict_set(model, [c.facts for c in compiled_set.objects], PROFILES["merged"],
+            merged = predict_set(set_model, [c.facts for c in compiled_set.objects], PROFILES["merged"],
                                  possible_cpus=args.vm_cpus, online_cpus=list(cpus))
-            for kind, objs, loader, initial in (
+            for kind, objs, loader, set_initial in (
                     ("set-libbpf", compiled_set, "libbpf", ()), ("set-raw", compiled_set, "raw", ()),
                     ("set-lowered", lowered_set, "libbpf", lowered_set_initial(compiled_set, merged))):
-                sp = set_plan(objs, initial)
+                sp = set_plan(objs, set_initial)
                 set_entries.append((len(requests), case, kind, compiled_set))
                 requests.append({"objects": [str(p.resolve()) for p in sp.objects], "loader": loader,
                                  "reuse": list(sp.reuse), "attach": list(sp.attach), "runs": list(sp.runs),
