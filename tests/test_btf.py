@@ -252,6 +252,15 @@ def test_expected_sections_present(objs):
         ".bss", ".rodata", ".percpu", ".percpu.foo", ".data.tally", "license"}
 
 
+def test_require_section_names_the_object_missing_it(objs):
+    from toolchain.elf import read_object
+
+    facts = read_object(objs["typical"].path)
+    assert facts.require_section(".percpu.foo") is facts.section(".percpu.foo")
+    with pytest.raises(KeyError, match=r"typical\.o: no section \.percpu\.absent"):
+        facts.require_section(".percpu.absent")
+
+
 # --- fix-up, against the ELF symbol table ------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", OBJECTS)
