@@ -192,20 +192,21 @@ def sanitize_map_name(name: str) -> str:
     return _UNSAFE_NAME_CHARS.sub("_", name)
 
 
-def internal_map_name(obj_name: str, section: str) -> str:
-    """libbpf's internal_map_name(): the kernel-visible name of a global-data map.
+def internal_map_name(obj_name: str, section: str, *, percpu: bool = False) -> str:
+    """libbpf's internal_map_name(): the kernel-visible name of a global-data map [V: libbpf 1.8.0 libbpf.c].
 
-    A section name with a '.' after its first character (`.data.tally`) is used alone; otherwise up to
-    8 characters of the object name come first (`plain_da.data`). The suffix counts as at least 7 characters.
+    The suffix (the section name) counts as at least 7 characters and is capped at 15 before anything else, so a
+    long suffix leaves no room for the object name. The object name's first characters go in front unless the
+    section name has a '.' after its first character (`.data.tally`) or, as libbpf 1.8 does for a
+    LIBBPF_MAP_PERCPU map, `percpu` is set. Unsafe characters become '_'. (libbpf counts bytes; names here are
+    ASCII.)
+
+    A deliberate second implementation: oracle.predict.internal_name is the oracle's own, written apart so that
+    the loader model and the prediction do not share a mistake; tests/test_map_names.py checks they agree.
     """
-    sfx_len = max(7, len(section))
-    if "." in section[1:]:
-        pfx_len = 0
-    else:
-        room = BPF_OBJ_NAME_LEN - sfx_len - 1
-        # libbpf computes the room in size_t: a suffix longer than 15 wraps it around to "no limit" [D]
-        pfx_len = len(obj_name) if room < 0 else min(room, len(obj_name))
-    return sanitize_map_name((obj_name[:pfx_len] + section[:sfx_len])[:BPF_OBJ_NAME_LEN - 1])
+    sfx_len = min(max(7, len(section)), BPF_OBJ_NAME_LEN - 1)
+    pfx_len = 0 if percpu or "." in section[1:] else min(BPF_OBJ_NAME_LEN - 1 - sfx_len, len(obj_name))
+    return sanitize_map_name(obj_name[:pfx_len] + section[:sfx_len])
 
 
 def reused_map_name(own: str, source_kernel_name: str) -> str:
@@ -367,8 +368,8 @@ def _internal_names(kind: str, section: str, obj_name: str, profile: LoaderProfi
     """(bpf_map__name, kernel name) of a global-data map."""
     kernel = internal_map_name(obj_name, section)
     if kind == _PERCPU:
-        if profile.percpu_kernel_name == "section15":
-            kernel = sanitize_map_name(section[:BPF_OBJ_NAME_LEN - 1])
+        if profile.percpu_kernel_name == "section15":  # merged libbpf: no object prefix for LIBBPF_MAP_PERCPU
+            kernel = internal_map_name(obj_name, section, percpu=True)
         if profile.percpu_map_name == "section" or section not in profile.percpu_exact:
             return section, kernel
         return kernel, kernel

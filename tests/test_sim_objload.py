@@ -93,8 +93,8 @@ def by_section(p: PreparedObject) -> dict[str | None, tuple]:
     ("gen", ".percpu.looooooooong", ".percpu.loooooo"),
     ("a-b", ".data", "a_b.data"),
     ("obj", ".data.a-b", ".data.a_b"),
-    # a suffix longer than 15 characters wraps libbpf's size_t room around: the whole object name first
-    ("obj", ".percpuxxxxxxxxxxxx", "obj.percpuxxxxx"),
+    # libbpf caps a suffix at 15 characters before it sizes the prefix: no room is left for the object name
+    ("obj", ".percpuxxxxxxxxxxxx", ".percpuxxxxxxxx"),
 ])
 def test_internal_map_name(obj, section, expected):
     assert internal_map_name(obj, section) == expected
