@@ -20,10 +20,12 @@ import errno
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from backends.objload import FuncSpec, round_up
+from backends.sim import printf
 from backends.sim import verifier as vf
+from backends.sim.helpers import HELPER_PROTOS
 from backends.sim.interp import MAX_TAIL_CALLS, BpfFault, Machine, Memory, TailCall, link_program, run
 from schema.profiles import UnknownProfile, join_modifiers, split_modifiers
 from toolchain.insn import Insn
@@ -87,22 +89,17 @@ V1_MESSAGES: dict[str, str] = {
     **BASE_MESSAGES,
     "const_str_percpu_late": "only array map supports direct string value access",
 }
-# What the x86-64 JIT makes of a helper call in the xlated program (privileged load), in instructions:
-# bpf_get_smp_processor_id becomes mov/per-CPU mov/load; an ARRAY lookup 7 and a PERCPU_ARRAY lookup 9
-# instructions [V, measured on 6.18]. The per-CPU forms need the JIT's per-CPU instruction [D].
-X86_INLINE_HELPERS: dict[int, int] = {vf.BPF_FUNC_get_smp_processor_id: 3}
-X86_INLINE_LOOKUPS: dict[int, int] = {BPF_MAP_TYPE_ARRAY: 7, BPF_MAP_TYPE_PERCPU_ARRAY: 9}
 
 
 @dataclass(frozen=True, eq=False)
 class KernelProfile:
     name: str
     percpu_direct_value: bool  # PERCPU_ARRAY has map_direct_value_addr (the feature's kernel half)
-    percpu_insn_jit: bool  # bpf_jit_supports_percpu_insn(): without it direct per-CPU access is EOPNOTSUPP
+    # bpf_jit_supports_percpu_insn(): without it direct per-CPU access is EOPNOTSUPP, and the JIT inlines neither
+    # bpf_get_smp_processor_id nor a PERCPU_ARRAY lookup (the helper table's per-CPU inline forms)
+    percpu_insn_jit: bool
     bpf_f_cpu: bool  # BPF_F_CPU / BPF_F_ALL_CPUS for per-CPU map lookup and update
     messages: Mapping[str, str]
-    inline_helpers: Mapping[int, int] = field(default_factory=dict)
-    inline_map_lookup: Mapping[int, int] = field(default_factory=dict)
     # the order map_direct_value_addr checks a per-CPU access in: merged 7.3.4 asks the JIT first, v1-v3 last
     # [V]; only JIT-less arches tell them apart
     percpu_direct_value_checks: tuple[str, ...] = ("jit", "max_entries", "offset")
@@ -130,25 +127,36 @@ class KernelProfile:
 
 KERNEL_PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (
-        KernelProfile("patched", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS),
+        KernelProfile(name="patched", percpu_direct_value=True, percpu_insn_jit=True, bpf_f_cpu=True,
+                      messages=MERGED_MESSAGES),
         # the series' first revision: map_direct_value_addr checks max_entries and offset before the JIT [V]
-        KernelProfile("patched-v1", True, True, True, V1_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS,
-                      percpu_direct_value_checks=("max_entries", "offset", "jit")),
+        KernelProfile(name="patched-v1", percpu_direct_value=True, percpu_insn_jit=True, bpf_f_cpu=True,
+                      messages=V1_MESSAGES, percpu_direct_value_checks=("max_entries", "offset", "jit")),
         # Linux <= 7.2, e.g. 6.18 here [V, measured]
-        KernelProfile("unpatched", False, True, False, BASE_MESSAGES, X86_INLINE_HELPERS, X86_INLINE_LOOKUPS),
+        KernelProfile(name="unpatched", percpu_direct_value=False, percpu_insn_jit=True, bpf_f_cpu=False,
+                      messages=BASE_MESSAGES),
         # the patched kernel on an arch whose JIT has no per-CPU instruction: direct access is refused [V]
-        KernelProfile("patched-nojit", True, False, True, MERGED_MESSAGES, {},
-                      {BPF_MAP_TYPE_ARRAY: X86_INLINE_LOOKUPS[BPF_MAP_TYPE_ARRAY]}),
-        KernelProfile("broken-norewrite", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS,
-                      X86_INLINE_LOOKUPS, percpu_rewrite=False),
-        KernelProfile("broken-nofreplace", True, True, True, MERGED_MESSAGES, X86_INLINE_HELPERS,
-                      X86_INLINE_LOOKUPS, freplace=False),
+        KernelProfile(name="patched-nojit", percpu_direct_value=True, percpu_insn_jit=False, bpf_f_cpu=True,
+                      messages=MERGED_MESSAGES),
+        KernelProfile(name="broken-norewrite", percpu_direct_value=True, percpu_insn_jit=True, bpf_f_cpu=True,
+                      messages=MERGED_MESSAGES, percpu_rewrite=False),
+        KernelProfile(name="broken-nofreplace", percpu_direct_value=True, percpu_insn_jit=True, bpf_f_cpu=True,
+                      messages=MERGED_MESSAGES, freplace=False),
     )
 }
 
 
+class KernelModifier(TypedDict, total=False):
+    """The KernelProfile fields a modifier may change."""
+
+    ext_programs: bool
+    jit_enabled: bool
+    ext_jit: bool
+    tail_calls_with_subprogs: bool
+
+
 # What each registry modifier (schema.profiles.MODIFIERS) changes in a simulated kernel.
-KERNEL_MODIFIERS: dict[str, dict[str, bool]] = {
+KERNEL_MODIFIERS: dict[str, KernelModifier] = {
     "noext": {"ext_programs": False},  # BPF_PROG_TYPE_EXT refused at load (EPERM)
     "jitoff": {"jit_enabled": False, "ext_jit": False, "tail_calls_with_subprogs": False},
     "noextjit": {"ext_jit": False, "tail_calls_with_subprogs": False},
@@ -258,14 +266,9 @@ class SimKernel:
         self._next_fd = 3
         self._maps_created = 0
         self._by_handle: dict[int, SimMap] = {}
+        # each helper's runtime is the method its table entry names
         self.helpers: dict[int, Callable[[Machine], int | TailCall]] = {
-            vf.BPF_FUNC_map_lookup_elem: self._helper_lookup,
-            vf.BPF_FUNC_map_update_elem: self._helper_update,
-            vf.BPF_FUNC_get_smp_processor_id: lambda m: m.cpu,
-            vf.BPF_FUNC_tail_call: self._helper_tail_call,
-            vf.BPF_FUNC_strncmp: self._helper_strncmp,
-            vf.BPF_FUNC_snprintf: self._helper_snprintf,
-        }
+            func: getattr(self, proto.runtime) for func, proto in HELPER_PROTOS.items()}
 
     # -- descriptors --------------------------------------------------------------------------------------
 
@@ -459,7 +462,7 @@ class SimKernel:
                            "sim_unsupported")
         target = self._attach_target(prog_type, attach_prog_fd, attach_func)
 
-        def addr_of(info: vf.MapRef) -> int:
+        def addr_of(info: vf.MapRef[SimMap]) -> int:
             return info.map.handle if info.kind == "map" else info.map.value_addr(info.off)
 
         def attach_check() -> None:
@@ -555,6 +558,10 @@ class SimKernel:
             raise BpfFault(f"R{reg} {m.regs[reg]:#x} is not a map")
         return found
 
+    @staticmethod
+    def _helper_smp_processor_id(m: Machine) -> int:
+        return m.cpu
+
     def _helper_lookup(self, m: Machine) -> int:
         sm = self._helper_map(m, 1)
         index = m.memory.read(m.regs[2], 4)
@@ -616,7 +623,10 @@ class SimKernel:
         out_addr, size, fmt_addr, data, data_len = m.regs[1:6]
         fmt = self._c_string(m, fmt_addr)
         args = [m.memory.read(data + 8 * i, 8) for i in range(data_len // 8)]
-        text = _format(fmt, args, lambda a: self._c_string(m, a)).encode()
+        try:
+            text = printf.render(fmt, args, lambda a: self._c_string(m, a)).encode()
+        except ValueError as e:  # the verifier admits only formats render accepts; a changed string is a fault
+            raise BpfFault(str(e)) from None
         if size:
             chunk = text[:size - 1] + b"\0"
             for i, b in enumerate(chunk):
@@ -654,36 +664,3 @@ def _check_replaceable(target: SimProg, func: str, *, jit_requested: bool = True
 
 def _relink(target: SimProg) -> None:
     target.image = link_program(target.insns, {start: ext.insns for start, ext in target.links.items()})
-
-
-_CONVERSION = re.compile(rb"%([-+ 0#]*)(\d*)(ll|l|h)?([diuxXcsp%])")
-
-
-def _format(fmt: bytes, args: Sequence[int], string_at: Callable[[int], bytes]) -> str:
-    """bpf_snprintf's formatting for the conversions the verifier admits."""
-    out, pos, argi = [], 0, 0
-    for m in _CONVERSION.finditer(fmt):
-        out.append(fmt[pos:m.start()].decode("latin-1"))
-        pos = m.end()
-        flags, width, length, conv = (m.group(1).decode(), m.group(2).decode(), m.group(3), m.group(4))
-        if conv == b"%":
-            out.append("%")
-            continue
-        raw = args[argi] if argi < len(args) else 0
-        argi += 1
-        bits = 64 if length in (b"l", b"ll") else 32
-        value = raw & ((1 << bits) - 1)
-        if conv in (b"d", b"i") and value >> (bits - 1):
-            value -= 1 << bits
-        if conv == b"s":
-            text = string_at(raw).decode("latin-1")
-            spec = f"{flags}{width}s"
-        elif conv == b"c":
-            text, spec = chr(raw & 0xFF), f"{flags}{width}s"
-        elif conv == b"p":
-            text, spec = f"{raw:#x}", f"{flags}{width}s"
-        else:
-            text, spec = value, f"{flags}{width}{'d' if conv in (b'i', b'u') else conv.decode()}"
-        out.append(format(text, spec))
-    out.append(fmt[pos:].decode("latin-1"))
-    return "".join(out)

@@ -5,7 +5,11 @@ Phases, in the kernel's order: structure (ld_imm64 pairs, jump ranges), ld_imm64
 modelled), path-sensitive abstract interpretation (do_check), then the privileged-load rewrites that change the
 instruction count: dead branches hard-wired, dead code and `ja +0` removed, and the per-CPU `mov` inserted after
 each `.percpu` map-value load (do_misc_fixups). Helper inlining by the x86-64 JIT changes the count reported as
-xlated without changing behaviour, so it is counted from the kernel profile's table, not emitted.
+xlated without changing behaviour, so it is counted from the helper table's inline lengths, not emitted.
+
+A helper call is checked against its entry in backends.sim.helpers (argument kinds, return range, the special
+checks), the table the kernel model also runs helpers from; maps and profiles are read through the VerifierMap
+and VerifierProfile protocols, so this module does not import the kernel model.
 
 The abstract state is deliberately small: per register "not initialised", a scalar with unsigned and signed
 64-bit bounds, or a pointer (context, stack slot, map value at a constant offset, maybe-null map value, map).
@@ -21,8 +25,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Union
+from typing import Generic, Protocol, TypeVar, Union
 
+from backends.sim import printf
+from backends.sim.helpers import BUFFER_ARGS, HELPER_PROTOS, HelperProto, Inline
+from backends.sim.helpers import (  # re-exported: the fault catalogue replaces that helper by its id
+    BPF_FUNC_get_smp_processor_id as BPF_FUNC_get_smp_processor_id,
+)
 from toolchain import insn as isa
 from toolchain.insn import Insn
 from toolchain.uapi import (
@@ -32,9 +41,6 @@ from toolchain.uapi import (
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_PROG_ARRAY,
 )
-
-if TYPE_CHECKING:
-    from backends.sim.kernel import KernelProfile, SimMap
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -46,19 +52,53 @@ BPF_MAX_VAR_OFF = 1 << 29
 # does not prune well, which is refused rather than waited on.
 MAX_STATES = 200_000
 
-BPF_FUNC_map_lookup_elem = 1
-BPF_FUNC_map_update_elem = 2
-BPF_FUNC_get_smp_processor_id = 8
-BPF_FUNC_tail_call = 12
-BPF_FUNC_snprintf = 165
-BPF_FUNC_strncmp = 182
-HELPER_NAMES = {1: "bpf_map_lookup_elem", 2: "bpf_map_update_elem", 8: "bpf_get_smp_processor_id",
-                12: "bpf_tail_call", 165: "bpf_snprintf", 182: "bpf_strncmp"}
-
 NOP = Insn(isa.BPF_JMP | isa.BPF_JA)
 
 
 ENOTSUPP = 524
+
+
+class VerifierMap(Protocol):
+    """What the verifier reads of a map (the kernel model's maps have it; this module does not import them)."""
+
+    @property
+    def fd(self) -> int: ...
+    @property
+    def type(self) -> int: ...
+    @property
+    def key_size(self) -> int: ...
+    @property
+    def value_size(self) -> int: ...
+    @property
+    def max_entries(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def frozen(self) -> bool: ...
+    def read_bytes(self, off: int, n: int) -> bytes: ...
+    def read_value(self, off: int, size: int) -> int: ...
+
+
+class VerifierProfile(Protocol):
+    """What the verifier reads of a kernel profile row."""
+
+    @property
+    def messages(self) -> Mapping[str, str]: ...
+    @property
+    def percpu_direct_value(self) -> bool: ...
+    @property
+    def percpu_direct_value_checks(self) -> tuple[str, ...]: ...
+    @property
+    def percpu_insn_jit(self) -> bool: ...
+    @property
+    def percpu_rewrite(self) -> bool: ...
+    @property
+    def jit_enabled(self) -> bool: ...
+    @property
+    def tail_calls_with_subprogs(self) -> bool: ...
+
+
+MapT = TypeVar("MapT", bound=VerifierMap)
 
 
 class VerifierError(Exception):
@@ -399,11 +439,11 @@ class VerifiedProgram:
 
 
 @dataclass
-class MapRef:
+class MapRef(Generic[MapT]):
     """What a resolved ld_imm64 refers to: a map ("map") or a byte of its value ("value")."""
 
     kind: str
-    map: SimMap
+    map: MapT
     off: int
 
 
@@ -540,9 +580,9 @@ class _Liveness:
 # -- the verifier -------------------------------------------------------------------------------------------
 
 
-class Verifier:
-    def __init__(self, insns: Sequence[Insn], *, profile: KernelProfile,
-                 map_by_fd: Callable[[int], SimMap | str | None], nr_cpu_ids: int,
+class Verifier(Generic[MapT]):
+    def __init__(self, insns: Sequence[Insn], *, profile: VerifierProfile,
+                 map_by_fd: Callable[[int], MapT | str | None], nr_cpu_ids: int,
                  fd_array: Sequence[int] | None = None, prog_type: str = "raw_tp") -> None:
         self.insns = list(insns)
         self.profile = profile
@@ -551,8 +591,8 @@ class Verifier:
         self.fd_array = fd_array
         self.prog_type = prog_type
         self.log: list[str] = []
-        self.ldimm: dict[int, MapRef] = {}
-        self.maps: dict[int, SimMap] = {}  # fd -> map, every map the program references
+        self.ldimm: dict[int, MapRef[MapT]] = {}
+        self.maps: dict[int, MapT] = {}  # fd -> map, every map the program references
         self.seen: set[int] = set()
         self.lookup_sites: dict[int, set[int]] = {}  # helper call pc -> fds of the maps it looked up
         self.helper_sites: dict[int, int] = {}  # call pc -> helper id
@@ -627,7 +667,7 @@ class Verifier:
             self.direct_value_addr(m, off)
             self.ldimm[pc] = MapRef("value", m, off)
 
-    def direct_value_addr(self, m: SimMap, off: int) -> None:
+    def direct_value_addr(self, m: MapT, off: int) -> None:
         """The map type's map_direct_value_addr(): who allows `&value[off]` as a constant."""
         bad_ptr = self.msg("bad_direct_value", m.value_size, off)
         if m.type == BPF_MAP_TYPE_ARRAY:
@@ -702,7 +742,7 @@ class Verifier:
         regs: list[Value] = [None] * 11
         regs[1] = Ptr(CTX)
         regs[10] = Ptr(STACK, 0, frame=0)
-        init = (0, (Frame(tuple(regs), EMPTY_STACK, -1),))
+        init: tuple[int, tuple[Frame, ...]] = (0, (Frame(tuple(regs), EMPTY_STACK, -1),))
         visited: set[tuple] = set()
         work = [init]
         states = 0
@@ -969,9 +1009,9 @@ class Verifier:
                 for slot in range(first, last + 1):
                     stack[slot] = (MISC, None)
             return None, self.with_stack(frames, ptr.frame, tuple(stack))
-        slot = frame.stack[first]
-        if size == 8 and total % 8 == 0 and slot is not None and slot[0] == SPILL:
-            return slot[1], frames
+        spilled = frame.stack[first]
+        if size == 8 and total % 8 == 0 and spilled is not None and spilled[0] == SPILL:
+            return spilled[1], frames
         if signed:
             half = 1 << (8 * size - 1)
             return srange(-half, half - 1), frames
@@ -1104,66 +1144,67 @@ class Verifier:
 
     # helpers
 
-    def map_arg(self, frames: tuple[Frame, ...], regno: int, pc: int, func: int) -> SimMap:
+    def map_arg(self, frames: tuple[Frame, ...], regno: int, proto: HelperProto, kind: str) -> MapT:
         v = self.read_reg(frames, regno)
         if not isinstance(v, Ptr) or v.kind != MAP_PTR:
             raise self.fail(errno.EACCES, f"R{regno} type={type_name(v)} expected=map_ptr", "verifier_other")
         m = self.maps[v.map_fd]
-        want_prog_array = func == BPF_FUNC_tail_call
-        if (m.type == BPF_MAP_TYPE_PROG_ARRAY) != want_prog_array:
-            raise self.fail(errno.EINVAL, f"cannot pass map_type {m.type} into func {HELPER_NAMES[func]}#{func}",
+        if (m.type == BPF_MAP_TYPE_PROG_ARRAY) != (kind == "prog_array"):
+            raise self.fail(errno.EINVAL, f"cannot pass map_type {m.type} into func {proto.name}#{proto.func_id}",
                             "verifier_other")
         return m
 
     def helper(self, pc: int, func: int, frames: tuple[Frame, ...]) -> tuple[Frame, ...]:
-        if func not in HELPER_NAMES or self.prog_type not in ("raw_tp", "socket_filter"):
+        """check_helper_call: the arguments against the helper's entry, then R0 its return value, R1-R5 gone."""
+        proto = HELPER_PROTOS.get(func)
+        if proto is None or self.prog_type not in proto.prog_types:
             raise _unsupported(f"helper {func} in a {self.prog_type} program")
         self.helper_sites[pc] = func
+        if proto.subprogs_need_jit and self.subprog_count > 1 and not self.profile.tail_calls_with_subprogs:
+            # bpf_allow_tail_call_in_subprogs wants jit_requested: the interpreter cannot mix them
+            raise self.fail(errno.EINVAL, "mixing of tail_calls and bpf-to-bpf calls is not supported",
+                            "tail_call_with_subprogs")
+        m: MapT | None = None
+        sizes: dict[int, int] = {}
+        strings: dict[int, bytes] = {}
+        for regno, kind in enumerate(proto.args, start=1):
+            if kind in ("map_ptr", "prog_array"):
+                m = self.map_arg(frames, regno, proto, kind)
+                if proto.writes_map and m.flags & BPF_F_RDONLY_PROG:
+                    raise _unsupported(f"{proto.name} on a read-only map at insn {pc}")
+            elif kind in ("map_key", "map_value"):
+                assert m is not None, f"{proto.name}: {kind} before its map"
+                size = m.key_size if kind == "map_key" else m.value_size
+                self.check_mem_arg(frames, regno, size, write=False, pc=pc)
+            elif kind == "ctx":
+                ctx = self.read_reg(frames, regno)
+                if not isinstance(ctx, Ptr) or ctx.kind != CTX or ctx.off:
+                    raise self.fail(errno.EACCES, f"R{regno} type={type_name(ctx)} expected=ctx", "verifier_other")
+            elif kind == "scalar":
+                self.scalar_arg(frames, regno, pc)
+            elif kind in BUFFER_ARGS:
+                size = sizes[regno + 1] = self.size_arg(frames, regno + 1, pc)
+                buf = self.read_reg(frames, regno)
+                if size == 0 and isinstance(buf, Scalar) and (kind == "mem_or_null" or buf.is_const and buf.value == 0):
+                    continue
+                self.check_mem_arg(frames, regno, size, write=kind == "out_mem_or_null", pc=pc)
+            elif kind == "const_str":
+                strings[regno] = self.const_str_arg(frames, regno, pc)
+            # const_size: checked with the buffer before it
+        if proto.printf_format is not None:
+            fmt_reg, len_reg = proto.printf_format
+            data_len = sizes[len_reg]
+            if data_len % 8 or not printf.check(strings[fmt_reg], data_len // 8):
+                raise self.fail(errno.EINVAL, "Invalid format string", "verifier_other")
         ret: Value
-        if func == BPF_FUNC_map_lookup_elem:
-            m = self.map_arg(frames, 1, pc, func)
-            self.check_mem_arg(frames, 2, m.key_size, write=False, pc=pc)
+        if proto.ret == "map_value_or_null":
+            assert m is not None
             self.lookup_sites.setdefault(pc, set()).add(m.fd)
             ret = Ptr(MAP_VALUE_OR_NULL, 0, map_fd=m.fd, id=pc + 1)
-        elif func == BPF_FUNC_map_update_elem:
-            m = self.map_arg(frames, 1, pc, func)
-            if m.flags & BPF_F_RDONLY_PROG:
-                raise _unsupported(f"bpf_map_update_elem on a read-only map at insn {pc}")
-            self.check_mem_arg(frames, 2, m.key_size, write=False, pc=pc)
-            self.check_mem_arg(frames, 3, m.value_size, write=False, pc=pc)
-            self.scalar_arg(frames, 4, pc)
-            ret = srange(-4095, 0)
-        elif func == BPF_FUNC_get_smp_processor_id:
+        elif proto.ret == "cpu_id":
             ret = urange(0, self.nr_cpu_ids - 1)  # do_refine_retval_range [D]
-        elif func == BPF_FUNC_tail_call:
-            if self.subprog_count > 1 and not self.profile.tail_calls_with_subprogs:
-                # bpf_allow_tail_call_in_subprogs wants jit_requested: the interpreter cannot mix them
-                raise self.fail(errno.EINVAL, "mixing of tail_calls and bpf-to-bpf calls is not supported",
-                                "tail_call_with_subprogs")
-            ctx = self.read_reg(frames, 1)
-            if not isinstance(ctx, Ptr) or ctx.kind != CTX or ctx.off:
-                raise self.fail(errno.EACCES, f"R1 type={type_name(ctx)} expected=ctx", "verifier_other")
-            self.map_arg(frames, 2, pc, func)
-            self.scalar_arg(frames, 3, pc)
-            ret = UNKNOWN
-        elif func == BPF_FUNC_strncmp:
-            size = self.size_arg(frames, 2, pc)
-            self.check_mem_arg(frames, 1, size, write=False, pc=pc)
-            self.const_str_arg(frames, 3, pc)
-            ret = srange(-(1 << 31), (1 << 31) - 1)
-        else:  # bpf_snprintf(str, str_size, fmt, data, data_len)
-            size = self.size_arg(frames, 2, pc)
-            out = self.read_reg(frames, 1)
-            if not (size == 0 and isinstance(out, Scalar) and out.is_const and out.value == 0):
-                self.check_mem_arg(frames, 1, size, write=True, pc=pc)
-            fmt = self.const_str_arg(frames, 3, pc)
-            data_len = self.size_arg(frames, 5, pc)
-            data = self.read_reg(frames, 4)
-            if not (data_len == 0 and isinstance(data, Scalar)):
-                self.check_mem_arg(frames, 4, data_len, write=False, pc=pc)
-            if data_len % 8 or not _format_ok(fmt, data_len // 8):
-                raise self.fail(errno.EINVAL, "Invalid format string", "verifier_other")
-            ret = srange(-4095, (1 << 31) - 1)
+        else:
+            ret = srange(*proto.ret_range)
         regs: dict[int, Value] = {0: ret, 1: None, 2: None, 3: None, 4: None, 5: None}
         return self.with_regs(frames, regs)
 
@@ -1204,7 +1245,7 @@ class Verifier:
 
     # -- phase 5: rewrites --------------------------------------------------------------------------------------
 
-    def rewrite(self, addr_of: Callable[[MapRef], int]) -> tuple[list[Insn], int, int]:
+    def rewrite(self, addr_of: Callable[[MapRef[MapT]], int]) -> tuple[list[Insn], int, int]:
         """(runnable program, xlated instruction count, per-CPU moves inserted)."""
         insns = list(self.insns)
         n = len(insns)
@@ -1220,7 +1261,7 @@ class Verifier:
             elif pc + 1 + insn.off not in seen:
                 insns[pc] = NOP
         # constants for the runnable program (positions still old)
-        aux: dict[int, MapRef] = dict(self.ldimm)
+        aux: dict[int, MapRef[MapT]] = dict(self.ldimm)
         for pc, info in aux.items():
             value = addr_of(info)
             insns[pc] = Insn(isa.LD_IMM64, insns[pc].dst, 0, 0, _s32(value & U32))
@@ -1252,14 +1293,21 @@ class Verifier:
         extra = 0
         # helpers and map lookups are inlined only for a program the JIT will compile (jit_requested)
         for pc, func in helpers.items() if self.profile.jit_enabled else ():
-            if func == BPF_FUNC_map_lookup_elem:
+            proto = HELPER_PROTOS[func]
+            if proto.inline_by_map_type:
                 fds = lookups.get(pc, set())
                 if len(fds) == 1:  # one map on every path: the kernel inlines its lookup
                     (fd,) = fds
-                    extra += self.profile.inline_map_lookup.get(self.maps[fd].type, 1) - 1
+                    extra += self.inlined_length(proto.inline_by_map_type.get(self.maps[fd].type)) - 1
             else:
-                extra += self.profile.inline_helpers.get(func, 1) - 1
+                extra += self.inlined_length(proto.inline) - 1
         return insns, len(insns) + extra, len(moves) if self.profile.percpu_rewrite else 0
+
+    def inlined_length(self, inline: Inline | None) -> int:
+        """A helper call's length in the xlated program of a JITed load."""
+        if inline is None or (inline.percpu_insn and not self.profile.percpu_insn_jit):
+            return 1
+        return inline.insns
 
 
 def _s32(value: int) -> int:
@@ -1267,42 +1315,14 @@ def _s32(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
 
 
-def _format_ok(fmt: bytes, nargs: int) -> bool:
-    """bpf_bprintf_prepare's outline: known conversions only, one argument each, at most 12."""
-    i, used = 0, 0
-    while i < len(fmt):
-        if fmt[i:i + 1] != b"%":
-            if not (0x20 <= fmt[i] < 0x7F or fmt[i] in b"\t\n\r"):
-                return False
-            i += 1
-            continue
-        if fmt[i + 1:i + 2] == b"%":
-            i += 2
-            continue
-        i += 1
-        while fmt[i:i + 1] in (b"-", b"+", b" ", b"0", b"#") and i < len(fmt):
-            i += 1
-        while fmt[i:i + 1].isdigit():
-            i += 1
-        if fmt[i:i + 2] == b"ll":
-            i += 2
-        elif fmt[i:i + 1] in (b"l", b"h"):
-            i += 1
-        if fmt[i:i + 1] not in (b"d", b"i", b"u", b"x", b"X", b"c", b"s", b"p"):
-            return False
-        i += 1
-        used += 1
-    return used == nargs and used <= 12
-
-
-def verify(insns: Sequence[Insn], *, profile: KernelProfile, map_by_fd: Callable[[int], SimMap | str | None],
-           addr_of: Callable[[MapRef], int], nr_cpu_ids: int, fd_array: Sequence[int] | None = None,
+def verify(insns: Sequence[Insn], *, profile: VerifierProfile, map_by_fd: Callable[[int], MapT | str | None],
+           addr_of: Callable[[MapRef[MapT]], int], nr_cpu_ids: int, fd_array: Sequence[int] | None = None,
            prog_type: str = "raw_tp", attach_check: Callable[[], None] | None = None) -> VerifiedProgram:
     """Check `insns` as the kernel profile's verifier would; raise VerifierError with its message.
 
     `attach_check` is the kernel's check_attach_btf_id (an extension's target): it runs after the CFG check,
     before the paths are explored, and raises VerifierError to refuse."""
-    v = Verifier(insns, profile=profile, map_by_fd=map_by_fd, nr_cpu_ids=nr_cpu_ids, fd_array=fd_array,
+    v: Verifier[MapT] = Verifier(insns, profile=profile, map_by_fd=map_by_fd, nr_cpu_ids=nr_cpu_ids, fd_array=fd_array,
                  prog_type=prog_type)
     v.check_structure()
     v.resolve_ldimm64()
