@@ -438,13 +438,13 @@ def prepare(facts: ObjectFacts, profile: LoaderProfile) -> PreparedObject:
     # Global-data sections in section order.
     data_kinds: dict[int, str] = {}
     skipped: list[str] = []
-    for sec in facts.sections:
-        kind = _classify(sec, profile)
+    for candidate in facts.sections:
+        kind = _classify(candidate, profile)
         if kind == "unrecognized":
-            log.append(f"libbpf: elf: skipping unrecognized data section({sec.index}) {sec.name}")
-            skipped.append(sec.name)
+            log.append(f"libbpf: elf: skipping unrecognized data section({candidate.index}) {candidate.name}")
+            skipped.append(candidate.name)
         elif kind is not None:
-            data_kinds[sec.index] = kind
+            data_kinds[candidate.index] = kind
 
     data_sizes = {}
     for idx, kind in data_kinds.items():
@@ -579,7 +579,7 @@ def _collect_relos(facts: ObjectFacts, maps: Sequence[MapSpec], section_map: dic
 def _func_spec(btf: Btf | None, name: str, insn_off: int, bind: str) -> FuncSpec:
     """Linkage is the BTF FUNC's (what the kernel reads from func_info); the ELF binding stands in without BTF."""
     tid = btf.find("func", name) if btf is not None else None
-    if tid is None:
+    if btf is None or tid is None:
         return FuncSpec(name, insn_off, None, bind == "STB_GLOBAL")
     return FuncSpec(name, insn_off, tid, btf.get(tid).linkage != LINKAGE_STATIC)
 
@@ -624,10 +624,10 @@ def _link(facts: ObjectFacts, entry: Function, links: _Links, btf: Btf | None = 
     add_data_relos(entry, 0)
     reloc_code(entry, 0)
     relos.sort(key=lambda r: r.insn_index)
-    funcs = [_func_spec(btf, entry.name, 0, entry.bind)]
+    func_specs = [_func_spec(btf, entry.name, 0, entry.bind)]
     for name, off in sorted(placed.items(), key=lambda kv: kv[1]):
-        funcs.append(_func_spec(btf, name, off, next(f.bind for f in facts.functions if f.name == name)))
-    return ProgSpec(entry.name, entry.section, insns, relos, funcs)
+        func_specs.append(_func_spec(btf, name, off, next(f.bind for f in facts.functions if f.name == name)))
+    return ProgSpec(entry.name, entry.section, insns, relos, func_specs)
 
 
 def resolve(prog: ProgSpec, map_fds: Sequence[int]) -> list[Insn]:
