@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from suites.gate import main
 
 def test_gate_lists_the_v1_naming_difference(tmp_path, capsys):
     assert main(["--baseline", "sim:profile=v1", "--candidate", "sim:profile=merged", "--examples", "3",
-                 "--out", str(tmp_path)]) == 1
+                 "--shrink-examples", "0", "--out", str(tmp_path)]) == 1
     summary = (tmp_path / "summary.md").read_text()
     assert "`maps[.percpu].name`" in summary and "`maps[.percpu].kernel_name`" in summary
     assert "| class | cases |" in summary and "| loader |" in summary  # by class before by field
@@ -52,11 +53,93 @@ def test_gate_refuses_a_negative_count(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("gate: --examples")
 
 
-def test_gate_writes_the_smallest_differing_case(tmp_path):
+def test_gate_writes_the_smallest_differing_case_when_not_shrinking(tmp_path):
     assert main(["--baseline", "sim:profile=v1", "--candidate", "sim:profile=merged", "--examples", "3",
-                 "--set-examples", "0", "--out", str(tmp_path)]) == 1
+                 "--set-examples", "0", "--shrink-examples", "0", "--out", str(tmp_path)]) == 1
     source = (tmp_path / "reproducer.c").read_text()
     assert ".percpu" in source and "Smallest differing case" in (tmp_path / "summary.md").read_text()
+
+
+# -- the shrunk reproducer -----------------------------------------------------------------------------------------
+
+class CutPercpuNames:
+    """A candidate with the seeded regression of corpus/gate/percpu-map-name-regression.patch: a per-CPU map's
+    bpf_map__name is its kernel-visible name (15 characters), so only long section names differ."""
+
+    def __init__(self, inner, config: str) -> None:  # noqa: ANN001 - a suites.backends.Backend
+        self.inner, self.config = inner, config
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def observe(self, compiled, runs, initial_values=None):  # noqa: ANN001, ANN201
+        doc = self.inner.observe(compiled, runs, initial_values)
+        for m in doc["maps"]:
+            if m["type"] == "percpu_array" and m["name"]:
+                m["name"] = m["name"][:15]
+        return doc
+
+
+@pytest.fixture
+def cut_names(monkeypatch, tmp_path) -> str:
+    """The candidate configuration `sim:cut=1` builds a simulator with the regression; failure bundles in tmp."""
+    import suites.backends
+
+    real = suites.backends.from_config
+
+    def from_config(text: str, defaults=None):  # noqa: ANN001, ANN202
+        if text == "sim:cut=1":
+            return CutPercpuNames(real("sim", defaults), text)
+        return real(text, defaults)
+
+    monkeypatch.setattr(suites.backends, "from_config", from_config)
+    monkeypatch.setenv("PERCPU_FAILURES", str(tmp_path / "failures"))
+    return "sim:cut=1"
+
+
+def test_gate_shrinks_a_difference_to_a_smaller_reproducer_that_replays(cut_names, tmp_path, capsys):
+    out = tmp_path / "out"
+    # the first 13 sample models hold at least one with a long per-CPU section name (which ones depends on the
+    # modules loaded before: Hypothesis mixes constants of loaded local modules into its draws)
+    assert main(["--baseline", "sim", "--candidate", cut_names, "--examples", "13", "--set-examples", "0",
+                 "--shrink-examples", "30", "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    summary = (out / "summary.md").read_text()
+    assert "Shrunk reproducer (from " in summary and "```c" in printed
+    shrunk = (out / "reproducer.c").read_text()
+    smallest = int(summary.split(" in the smallest differing case")[0].rsplit("against ", 1)[1])
+    assert len(shrunk.splitlines()) <= smallest
+    assert shrunk.count("SEC(\".percpu.looooooooong\")") == 1  # what the difference needs
+    assert " SEC(\".data" not in shrunk and " SEC(\".bss" not in shrunk and "prog1" not in shrunk
+    bundle = Path(printed.split("Replay: python -m suites.gate --replay ")[1].split()[0])
+    assert {"model.json", "global.c", "expected.json", "observed.json", "diff.txt", "meta.json"} <= {
+        p.name for p in bundle.iterdir()}
+    assert (bundle / "global.c").read_text() == shrunk
+    assert (bundle / "replay.txt").read_text().startswith("python -m suites.gate --replay ")
+    assert main(["--replay", str(bundle)]) == 1
+    assert "reproduced: " in capsys.readouterr().out
+    # the same bundle against a candidate without the regression: nothing to reproduce
+    meta = json.loads((bundle / "meta.json").read_text())
+    meta["gate"]["candidate"] = "sim"
+    (bundle / "meta.json").write_text(json.dumps(meta))
+    assert main(["--replay", str(bundle)]) == 0
+
+
+def test_gate_shrinking_is_bounded_and_can_be_off(cut_names, tmp_path):
+    out = tmp_path / "out"
+    args = ["--baseline", "sim", "--candidate", cut_names, "--examples", "13", "--set-examples", "0", "--out",
+            str(out)]
+    assert main([*args, "--shrink-examples", "0"]) == 1
+    assert "Shrunk" not in (out / "summary.md").read_text()
+    assert main([*args, "--shrink-examples", "3"]) == 1
+    assert "; 3 model(s) observed in " in (out / "summary.md").read_text()
+
+
+def test_gate_replay_refuses_a_bundle_in_one_line(tmp_path, capsys):
+    (tmp_path / "meta.json").write_text('{"check": "maps"}')
+    assert main(["--replay", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a readable gate bundle" in err
 
 
 # -- libbpf built from a tree, with stand-in Makefiles (no real build) --------------------------------------------
