@@ -220,3 +220,27 @@ def test_debian_download_failure_is_kind_download(standin_tree, monkeypatch):
     with pytest.raises(LibbpfSourceError) as refused:
         libbpf_source.build_from_debian("1.7.0")
     assert refused.value.kind == "download"
+
+
+# -- nightly's progress and summary (a short budget on the simulator) ------------------------------------------------
+
+def test_nightly_shows_progress_and_ends_with_the_new_failures(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PERCPU_FAILURES": str(tmp_path / "failures"),
+           "PERCPU_REPORTS": str(tmp_path / "reports")}
+    # a simulator without the per-CPU rewrite: the runtime property fails on its first examples
+    done = subprocess.run([sys.executable, "-m", "suites.nightly", "--budget", "20", "--progress-every", "4",
+                           "--database", str(tmp_path / "db"), "--backend", "sim", "--sim-profile",
+                           "merged-norewrite", "-k", "per_cpu_contents_after_runs", "-x"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("nightly: ")]
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert any(" examples (" in line and "properties covered 1/1" in line and "s left" in line for line in lines)
+    assert "round 1 ended: " in done.stdout
+    summary = done.stdout.split("new failure bundle(s):")[1]
+    assert "runtime on sim, " in summary and "replay: python -m suites.replay " in summary
+    assert not list((tmp_path / "db").glob("progress.json*"))  # the progress file is not left in the database
