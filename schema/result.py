@@ -1,27 +1,160 @@
 """The one JSON shape for a Prediction and an Observation (`shared/spec/result-schema.md`), and its comparison.
 
-Results are plain dicts so they serialise as they are; `new_result` builds the skeleton, `validate` checks the
-contract, `compare` walks two results field by field and names the layer to blame for each difference.
+The shape is `result.schema.json` (JSON Schema 2020-12); the TypedDicts below are its typed view. Results are
+plain dicts so they serialise as they are and producers can fill them step by step; `new_result` builds the
+skeleton, `validate` checks the contract, `compare` walks two results field by field and names the layer
+`FIELD_LAYERS` gives each field.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, cast
+
+import jsonschema
 
 SCHEMA = "percpu-conformance/result/1"
 SOURCES = ("oracle", "sim", "kernel", "vm")
 VERDICTS = ("accepted", "rejected", "not_loaded")
 LAYERS = ("compiler", "loader", "verifier", "runtime")
+SCHEMA_FILE = Path(__file__).with_name("result.schema.json")
 
-Result = dict[str, Any]
+Result = dict[str, Any]  # a ResultDoc being built or read; `checked` gives the typed view of a valid one
 
 MAP_TYPE_NAMES = {1: "hash", 2: "array", 3: "prog_array", 6: "percpu_array"}
+
+
+# -- the document's parts, as result.schema.json defines them (a test keeps the two in step) -------------------
+
+Source = Literal["oracle", "sim", "kernel", "vm"]
+Verdict = Literal["accepted", "rejected", "not_loaded"]
+
+
+class Env(TypedDict):
+    """Where the document was made; backends add facts of their own (open-ended, never compared)."""
+
+    profile: str | None
+    kernel_release: str | None
+    libbpf: str | None
+    bpftool: str | None
+    clang: str | None
+    possible_cpus: int | None
+    online_cpus: list[int] | None
+    features: dict[str, bool | None]
+
+
+class ObjectRef(TypedDict):
+    path: str
+    sha256: str
+
+
+class OpenStatus(TypedDict):
+    ok: bool
+    error_class: str | None
+    message: str | None
+    errno: NotRequired[int | None]
+
+
+class LoadStatus(TypedDict):
+    ok: bool
+    errno: int | None
+    message: str | None
+
+
+class VariableEntry(TypedDict):
+    name: str
+    section: str
+    offset: int
+    size: int
+
+
+class MapEntry(TypedDict):
+    name: str | None
+    kernel_name: str | None
+    section: str | None  # null for a `.maps` map
+    type: str | None
+    key_size: int | None
+    value_size: int | None
+    max_entries: int | None
+    flags: int | None
+    internal: bool | None
+    created: bool
+    before: list[str] | None
+    after: list[str] | None
+    errno: NotRequired[int | None]
+    message_class: NotRequired[str | None]
+    message: NotRequired[str | None]
+    placeholder_fd: NotRequired[bool]
+
+
+class ProgramEntry(TypedDict):
+    name: str
+    loaded: bool
+    verdict: Verdict
+    errno: int | None
+    message_class: str | None
+    message: str | None
+    xlated_insns: int | None
+    attached: NotRequired[bool]
+    attach_error: NotRequired[str]
+
+
+class RunEntry(TypedDict):
+    program: str
+    cpu: int
+    count: int
+    retval: list[int | None] | None
+    errno: NotRequired[int | None]
+    error: NotRequired[str | None]
+    fault: NotRequired[str]
+
+
+class ReuseEntry(TypedDict):
+    map: str
+    source_fd: str
+    rc: int
+
+
+class ResultDoc(TypedDict):
+    schema: str
+    source: Source
+    env: Env
+    object: ObjectRef | None
+    open: OpenStatus
+    variables: list[VariableEntry]
+    maps: list[MapEntry]
+    programs: list[ProgramEntry]
+    runs: list[RunEntry]
+    loader: NotRequired[Literal["libbpf", "raw"]]
+    load: NotRequired[LoadStatus]
+    reuse: NotRequired[list[ReuseEntry]]
+
+
+class ObjectSetDoc(TypedDict):
+    schema: str
+    source: Source
+    env: Env
+    objects: list[ResultDoc]
+
+
+@functools.cache
+def json_schema() -> dict[str, Any]:
+    """result.schema.json, parsed once."""
+    return cast(dict[str, Any], json.loads(SCHEMA_FILE.read_text()))
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cast(jsonschema.protocols.Validator, cls(schema))
 
 
 def new_env(profile: str, **facts: Any) -> dict[str, Any]:  # noqa: ANN401
@@ -41,11 +174,22 @@ def object_ref(path: str | Path) -> dict[str, str]:
     return {"path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+# Called with every document new_result and new_set_result make: producers fill a document step by step, so
+# a watcher (the test session's, tests/conftest.py) checks it once it is complete. Empty outside tests.
+DOCUMENT_WATCHERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+def _watched(doc: dict[str, Any]) -> dict[str, Any]:
+    for watch in DOCUMENT_WATCHERS:
+        watch(doc)
+    return doc
+
+
 def new_result(source: str, env: dict[str, Any], obj: dict[str, str] | None) -> Result:
     assert source in SOURCES, source
-    return {"schema": SCHEMA, "source": source, "env": env, "object": obj,
-            "open": {"ok": True, "error_class": None, "message": None},
-            "variables": [], "maps": [], "programs": [], "runs": []}
+    return _watched({"schema": SCHEMA, "source": source, "env": env, "object": obj,
+                     "open": {"ok": True, "error_class": None, "message": None},
+                     "variables": [], "maps": [], "programs": [], "runs": []})
 
 
 def map_entry(*, name: str | None, kernel_name: str | None, section: str | None, type: str,  # noqa: A002
@@ -64,16 +208,60 @@ def program_entry(name: str, verdict: str, *, errno: int | None = 0, message_cla
             "message_class": message_class, "message": message, "xlated_insns": xlated_insns}
 
 
-def validate(result: Result) -> list[str]:
-    """Contract violations, as readable lines (empty when the document is well-formed)."""
-    problems = []
-    for key in ("schema", "source", "env", "object", "open", "variables", "maps", "programs", "runs"):
-        if key not in result:
-            problems.append(f"missing {key}")
+def schema_fields() -> list[str]:
+    """The fields of a result document (and an object set's own), as FIELD_LAYERS names them: `open.ok`,
+    `maps` (an entry's presence), `maps.before`; an open-ended object (`env`) is one field."""
+    defs = json_schema()["$defs"]
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = defs[node["$ref"].removeprefix("#/$defs/")]
+        return node
+
+    def closed(node: dict[str, Any]) -> bool:
+        return "properties" in node and node.get("additionalProperties") is False
+
+    def walk(name: str, node: dict[str, Any]) -> Iterable[str]:
+        node = resolve(node)
+        if closed(node):
+            for sub, child in node["properties"].items():
+                yield from walk(f"{name}.{sub}" if name else sub, child)
+        elif node.get("type") == "array" and closed(resolve(node.get("items", {}))):
+            yield name
+            if node["items"].get("$ref") != "#/$defs/result":  # an object set's objects: results, walked once
+                yield from walk(name, node["items"])
+        else:
+            yield name
+
+    out = list(walk("", defs["result"]))
+    return out + [f for f in walk("", defs["object_set"]) if f not in out]
+
+
+def validate(doc: Mapping[str, Any]) -> list[str]:
+    """Contract violations of a result or object-set document, as readable lines (empty when it is well-formed):
+    result.schema.json first, then what JSON Schema cannot say (slot lengths, `loaded` against `verdict`)."""
+    problems = schema_errors(doc)
     if problems:
         return problems
-    if result["schema"] != SCHEMA:
-        problems.append(f"schema {result['schema']!r} != {SCHEMA!r}")
+    parts = doc["objects"] if doc["schema"] == SET_SCHEMA else [doc]
+    for k, part in enumerate(parts):
+        prefix = f"objects[{k}]: " if part is not doc else ""
+        problems += [prefix + p for p in _semantic_problems(part)]
+    return problems
+
+
+def schema_errors(doc: Mapping[str, Any]) -> list[str]:
+    """Where `doc` breaks result.schema.json, one line each (`maps[0].type: ...`)."""
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{_where(e.absolute_path)}: {e.message}" for e in errors]
+
+
+def _where(path: Iterable[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).removeprefix(".") or "(document)"
+
+
+def _semantic_problems(result: Mapping[str, Any]) -> list[str]:
+    problems = []
     for m in result["maps"]:
         for when in ("before", "after"):
             slots = m.get(when)
@@ -85,9 +273,17 @@ def validate(result: Result) -> list[str]:
                 if m["value_size"] is not None and len(s) != 2 * m["value_size"]:
                     problems.append(f"map {m['name']}: {when} slot of {len(s) // 2} bytes != value_size")
     for p in result["programs"]:
-        if p["verdict"] not in VERDICTS:
-            problems.append(f"program {p['name']}: verdict {p['verdict']!r}")
+        if p["loaded"] != (p["verdict"] == "accepted"):
+            problems.append(f"program {p['name']}: loaded {p['loaded']} with verdict {p['verdict']!r}")
     return problems
+
+
+def checked(doc: Result) -> ResultDoc:
+    """The typed view of a result document; ValueError with its problems when it is not one."""
+    problems = validate(doc)
+    if problems or doc["schema"] != SCHEMA:
+        raise ValueError("not a result document: " + ("; ".join(problems) or f"schema {doc['schema']!r}"))
+    return cast(ResultDoc, doc)
 
 
 @dataclass
@@ -125,19 +321,52 @@ def _short(value: Any) -> str:  # noqa: ANN401
     return text if len(text) <= 160 else text[:150] + f"…({len(text)} chars)"
 
 
-# Which layer a field belongs to: the first layer whose mistake would show there.
-FIELD_LAYERS = {
-    "variables": "compiler",
-    "open": "loader",
-    "maps": "loader",
-    "maps.before": "loader",
-    "maps.after": "runtime",
-    "programs": "verifier",
-    "runs": "runtime",
+# Every field of result.schema.json (a list's own name stands for an entry's presence, or the list's length)
+# and the layer a difference there is blamed on: the first layer whose mistake would show there. None: not
+# compared (informative, an input both sides share, or a raw text whose class is compared instead). `compare`
+# compares exactly the fields named here with a layer; a test keeps the keys equal to the schema's fields.
+FIELD_LAYERS: dict[str, str | None] = {
+    "schema": None, "source": None, "env": None, "object.path": None, "object.sha256": None,
+    "open.ok": "loader", "open.error_class": "loader", "open.message": None, "open.errno": None,
+    # a variable's place is clang's doing; whether it is reported at all is the loader's (a skipped section)
+    "variables": "loader", "variables.name": "loader",
+    "variables.section": "compiler", "variables.offset": "compiler", "variables.size": "compiler",
+    # maps are known by their section (a `.maps` map, section null, by its name)
+    "maps": "loader", "maps.section": "loader",
+    "maps.name": "loader", "maps.kernel_name": "loader", "maps.type": "loader", "maps.key_size": "loader",
+    "maps.value_size": "loader", "maps.max_entries": "loader", "maps.flags": "loader", "maps.internal": "loader",
+    "maps.created": "loader", "maps.before": "loader", "maps.after": "runtime",
+    "maps.errno": None, "maps.message_class": None, "maps.message": None, "maps.placeholder_fd": None,
+    "programs": "verifier", "programs.name": "verifier",
+    "programs.verdict": "verifier", "programs.errno": "verifier", "programs.message_class": "verifier",
+    "programs.xlated_insns": "verifier", "programs.attached": "verifier",
+    "programs.loaded": None, "programs.message": None, "programs.attach_error": None,
+    # runs are matched by order; program, cpu and count are the schedule both sides were given
+    "runs": "runtime", "runs.retval": "runtime", "runs.fault": "runtime",
+    "runs.program": None, "runs.cpu": None, "runs.count": None, "runs.errno": None, "runs.error": None,
+    "loader": None, "load.ok": None, "load.errno": None, "load.message": None,
+    "reuse": None, "reuse.map": None, "reuse.source_fd": None, "reuse.rc": None,
+    "objects": "loader",  # an object set: objects are matched by position
 }
-MAP_FIELDS = ("name", "kernel_name", "type", "key_size", "value_size", "max_entries", "flags", "internal",
-              "created", "before", "after")
-PROGRAM_FIELDS = ("verdict", "errno", "message_class", "xlated_insns", "attached")
+
+
+def _layer(name: str) -> str:
+    layer = FIELD_LAYERS[name]
+    assert layer is not None, f"{name} is not compared"
+    return layer
+
+
+def _compared(entries: str, key: str) -> tuple[str, ...]:
+    """The compared fields of a list's entries, in FIELD_LAYERS' order, its key (which matches them) left out."""
+    prefix = entries + "."
+    return tuple(f[len(prefix):] for f, layer in FIELD_LAYERS.items()
+                 if f.startswith(prefix) and layer is not None and f != prefix + key)
+
+
+MAP_FIELDS = _compared("maps", "section")
+PROGRAM_FIELDS = _compared("programs", "name")
+VARIABLE_FIELDS = _compared("variables", "name")
+SLOT_FIELDS = ("before", "after")
 
 
 class _Walker:
@@ -153,23 +382,24 @@ class _Walker:
             self.out.divergences.append(Divergence(path, expected, observed, layer))
 
     def keyed(self, path: str, expected: list[dict], observed: list[dict], key: str | Callable[[dict], Any],
-              fields: tuple[str, ...], layer_of: dict[str, str], layer: str, presence_layer: str | None = None) -> None:
+              fields: tuple[str, ...]) -> None:
+        """Entries matched by `key`; an unmatched one is blamed on the list's layer, a field on its own."""
         key_of = key if callable(key) else itemgetter(key)
         exp = {key_of(e): e for e in expected}
         obs = {key_of(o): o for o in observed}
-        presence = presence_layer or layer
+        presence = _layer(path)
         for k in exp.keys() - obs.keys():
             self.out.divergences.append(Divergence(f"{path}[{k}]", "present", "absent", presence))
         for k in obs.keys() - exp.keys():
             self.out.divergences.append(Divergence(f"{path}[{k}]", "absent", "present", presence))
         for k in sorted(exp.keys() & obs.keys(), key=str):
             for f in fields:
-                where = f"{path}[{k}].{f}"
+                where, layer = f"{path}[{k}].{f}", _layer(f"{path}.{f}")
                 e, o = exp[k].get(f), obs[k].get(f)
-                if f in ("before", "after") and isinstance(e, list) and isinstance(o, list):
-                    self.slots(where, e, o, layer_of.get(f, layer))
+                if f in SLOT_FIELDS and isinstance(e, list) and isinstance(o, list):
+                    self.slots(where, e, o, layer)
                 else:
-                    self.leaf(where, e, o, layer_of.get(f, layer))
+                    self.leaf(where, e, o, layer)
 
     def slots(self, path: str, expected: list[str], observed: list[str], layer: str) -> None:
         if len(expected) != len(observed):
@@ -190,7 +420,7 @@ def compare(expected: Result, observed: Result, *, sections: bool = True,
     return Comparison([d for d in full.divergences if d.layer in layers], full.compared, full.not_compared)
 
 
-def _map_key(entry: dict, *, sections: bool) -> str | None:
+def _map_key(entry: Mapping[str, Any], *, sections: bool) -> str | None:
     """A global-data map is known by its section; a `.maps` map (section null) only by its name."""
     return entry["section"] if sections and entry["section"] is not None else entry["name"]
 
@@ -198,21 +428,20 @@ def _map_key(entry: dict, *, sections: bool) -> str | None:
 def _compare(expected: Result, observed: Result, sections: bool) -> Comparison:
     w = _Walker()
     for f in ("ok", "error_class"):
-        w.leaf(f"open.{f}", expected["open"].get(f), observed["open"].get(f), "loader")
-    # a variable's place is clang's doing; whether it is reported at all is the loader's (a skipped section)
-    w.keyed("variables", expected["variables"], observed["variables"], "name", ("section", "offset", "size"),
-            {}, "compiler", presence_layer="loader")
-    w.keyed("maps", expected["maps"], observed["maps"], functools.partial(_map_key, sections=sections), MAP_FIELDS,
-            {"before": "loader", "after": "runtime"}, "loader")
-    w.keyed("programs", expected["programs"], observed["programs"], "name", PROGRAM_FIELDS, {}, "verifier")
+        w.leaf(f"open.{f}", expected["open"].get(f), observed["open"].get(f), _layer(f"open.{f}"))
+    w.keyed("variables", expected["variables"], observed["variables"], "name", VARIABLE_FIELDS)
+    w.keyed("maps", expected["maps"], observed["maps"], functools.partial(_map_key, sections=sections), MAP_FIELDS)
+    w.keyed("programs", expected["programs"], observed["programs"], "name", PROGRAM_FIELDS)
     if len(expected["runs"]) != len(observed["runs"]):
         w.out.divergences.append(Divergence("runs (count)", len(expected["runs"]), len(observed["runs"]),
-                                            "runtime"))
+                                            _layer("runs")))
     else:
         for i, (e, o) in enumerate(zip(expected["runs"], observed["runs"], strict=True)):
-            w.leaf(f"runs[{i}].retval", e.get("retval"), o.get("retval"), "runtime")
-            if o.get("fault") and not e.get("fault"):  # a run that faulted has no retval to compare
-                w.out.divergences.append(Divergence(f"runs[{i}].fault", None, o["fault"], "runtime"))
+            w.leaf(f"runs[{i}].retval", e.get("retval"), o.get("retval"), _layer("runs.retval"))
+            # a run that faulted has no retval to compare: whether it faulted is (the text is the backend's)
+            if bool(e.get("fault")) != bool(o.get("fault")):
+                w.out.divergences.append(Divergence(f"runs[{i}].fault", e.get("fault"), o.get("fault"),
+                                                    _layer("runs.fault")))
     return w.out
 
 
@@ -224,7 +453,7 @@ REUSE_FAILED = "reuse_failed"  # open.error_class when a map to reuse was never 
 
 def new_set_result(source: str, env: dict[str, Any], objects: list[Result]) -> dict[str, Any]:
     assert source in SOURCES, source
-    return {"schema": SET_SCHEMA, "source": source, "env": env, "objects": objects}
+    return _watched({"schema": SET_SCHEMA, "source": source, "env": env, "objects": objects})
 
 
 def not_opened(result: Result, failed: str, programs: list[str]) -> Result:
@@ -242,7 +471,7 @@ def compare_set(expected: dict[str, Any], observed: dict[str, Any], *,
     out = Comparison()
     exp, obs = expected["objects"], observed["objects"]
     if len(exp) != len(obs):
-        out.divergences.append(Divergence("objects (count)", len(exp), len(obs), "loader"))
+        out.divergences.append(Divergence("objects (count)", len(exp), len(obs), _layer("objects")))
         return out
     for e, o in zip(exp, obs, strict=True):
         cmp = compare(e, o, layers=layers)
