@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from generators.ctype import Scalar, leaves
 from generators.model import ProgramModel, dumps
 from generators.render import render_global, render_lowered, section_ident
 from schema.result import LAYERS, Comparison, Result, compare
@@ -204,3 +205,16 @@ def record_coverage(model: ProgramModel, compiled: Compiled, expected: Result) -
     target(float(max(percpu, default=0)), label="largest per-CPU value (bytes)")
     target(float(len(model.sections())), label="sections")
     target(float(sum(1 for v in model.variables if v.type.size == 1)), label="1-byte variables")
+
+
+def valid_for_types(model: ProgramModel, section: str, value: bytes, compiled: Compiled) -> bytes:
+    """A `_Bool` holds 0 or 1 (any other byte is no value of the type, and clang may copy it as it is)."""
+    out = bytearray(value)
+    for v in model.variables:
+        sym = compiled.facts.variable_symbol(section, v.name) if v.section == section else None
+        if sym is None:
+            continue
+        for slot in leaves(v.type):
+            if isinstance(slot.type, Scalar) and slot.type.kind == "bool":
+                out[sym.value + slot.offset] &= 1
+    return bytes(out)

@@ -6,24 +6,10 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from generators.ctype import Scalar, leaves
 from generators.strategies import program_models
 from oracle.predict import predict
 from oracle.profiles import profile
-from suites.support import assert_same, backend_meta, compile_global, runs_of
-
-
-def valid_for_types(model, section: str, value: bytes, compiled) -> bytes:
-    """A `_Bool` holds 0 or 1 (any other byte is no value of the type, and clang may copy it as it is)."""
-    out = bytearray(value)
-    for v in model.variables:
-        sym = compiled.facts.variable_symbol(section, v.name) if v.section == section else None
-        if sym is None:
-            continue
-        for slot in leaves(v.type):
-            if isinstance(slot.type, Scalar) and slot.type.kind == "bool":
-                out[sym.value + slot.offset] &= 1
-    return bytes(out)
+from suites.support import assert_same, backend_meta, compile_global, runs_of, valid_for_types
 
 
 @given(st.data())

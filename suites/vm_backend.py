@@ -237,6 +237,39 @@ class VmBackend:
                 part["object"]["path"] = str(path)
         return doc
 
+    def observe_skeleton(self, compiled: Compiled, plan: Any) -> dict[str, Any]:  # noqa: ANN401 - SkeletonPlan
+        """The skeleton harness for this object and plan, built on the host against this column's libbpf and
+        the stack's bpftool, run in the guest (backends.kernel.skeleton_run)."""
+        from backends.kernel.skeleton_run import HarnessError, build_harness, parse_report
+        from backends.vm.machine import GuestFailure
+
+        if self.loader == "raw" or self.target.bpftool is None or self.libbpf_path is None:
+            raise NotImplementedError(f"{self.name}: a skeleton needs libbpf and the stack's bpftool")
+        include = Path(self.libbpf_path).parent / "include"
+        if not include.is_dir():
+            raise NotImplementedError(f"{self.name}: no libbpf headers beside {self.libbpf_path}")
+        work = Path(tempfile.mkdtemp(prefix="percpu-skel-", dir=_pickles()))
+        try:
+            harness = build_harness(compiled.path, compiled.facts, plan, work, bpftool=self.target.bpftool,
+                                    include=include, libbpf=Path(self.libbpf_path))
+        except HarnessError as e:  # an observation too: the header a user would compile does not build
+            return {"harness": e.kind, "harness_message": str(e), "harness_dir": str(work),
+                    "dumped_types_mismatch": bool(e.mismatched_types), "mismatched_types": e.mismatched_types}
+        try:
+            answer = self.machine.request({"kind": "exec", "jit": self.jit, "executable": str(harness.executable)})
+        except GuestFailure as e:
+            raise self._guest_failed(str(e), e.console_tail, compiled) from None
+        if answer.get("kernel_log"):
+            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
+                                     "\n".join(answer["kernel_log"]), compiled)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: the guest could not run the harness: {answer['error']['message']}")
+        run = answer["exec"]
+        if run["returncode"] != 0:
+            raise HarnessError(f"the skeleton harness exited {run['returncode']} in the guest: "
+                               f"{run['stderr'].strip()[-300:]}")
+        return parse_report(run["stdout"])
+
     def observe_case(self, case: Any, runs: Any) -> Result:  # noqa: ANN401 - generators.asm.VerifierCase
         if self.loader != "raw":
             raise NotImplementedError("verifier cases load through bpf() directly: they run under vm-raw")

@@ -322,6 +322,17 @@ def _remember_facts(req: dict[str, Any]) -> None:
             remember(obj, pickle.load(f))
 
 
+def _exec(req: dict[str, Any]) -> dict[str, Any]:
+    import subprocess
+
+    try:
+        out = subprocess.run([req["executable"], *req.get("args", ())], capture_output=True, text=True,
+                             timeout=float(req.get("timeout", 60)))
+    except subprocess.TimeoutExpired:
+        return {"returncode": None, "stdout": "", "stderr": f"timed out after {req.get('timeout', 60)}s"}
+    return {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr[-4000:]}
+
+
 def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, Any]:
     kind = req.get("kind")
     if kind == "probe":  # the guest's facts; with "object", what the requested libbpf makes of .percpu
@@ -341,6 +352,8 @@ def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, An
         doc = _verifier_case(req)
         doc["source"] = "vm"
         return {"observation": doc}
+    if kind == "exec":  # a program the host built for this guest (the skeleton harness): its exit and output
+        return {"exec": _exec(req)}
     if kind == "crash":  # fault injection for the suite's own tests: a real guest panic
         with open("/proc/sysrq-trigger", "w") as f:
             f.write("c")
