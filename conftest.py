@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -95,6 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--vm-cpus") < 2 or config.getoption("--vm-maxcpus") < config.getoption("--vm-cpus"):
         raise pytest.UsageError("--vm-cpus must be at least 2 (per-CPU behaviour must be visible) and "
                                 "--vm-maxcpus at least --vm-cpus")
+    _stage_junit(config)
 
 
 @dataclass(frozen=True)
@@ -227,9 +230,33 @@ _MATRIX: dict[tuple[str, str], dict] = {}
 _COLUMN_ENV: dict[str, dict] = {}  # column -> its kernel, libbpf, bpftool, profile, accelerator
 
 
+def _redeliver_swallowed_interrupts() -> None:
+    """A Ctrl-C that lands in a garbage-collector callback (Hypothesis keeps one, timing every collection) or
+    in a finaliser is reported as unraisable and dropped by CPython: the run would go on as if never
+    interrupted. Such an interrupt is delivered to the main thread again, where it stops the run."""
+    import _thread
+    import sys
+    import threading
+
+    previous = sys.unraisablehook  # pytest's, installed by its unraisableexception plugin at configure
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            # a little later, from another thread: raised here, inside the hook, it would be dropped again
+            again = threading.Timer(0.01, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """A malformed known-divergence register stops the run with one line, before any test."""
     from suites.known import RegisterError, register
+
+    _redeliver_swallowed_interrupts()
 
     try:
         register()
@@ -263,11 +290,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         cell["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
     for key, value in report.user_properties:
         if key == "predicted_reject":
-            cell["predicted-reject"] = int(cell.get("predicted-reject", 0)) + int(value)
+            cell["predicted-reject"] = int(cell.get("predicted-reject", 0)) + int(str(value))
         elif key == "column_env":
             import json
 
-            _COLUMN_ENV[column] = json.loads(value)
+            _COLUMN_ENV[column] = json.loads(str(value))  # user_properties values are typed object
         elif key in ("known", "known-applies"):
             cell.setdefault(key, {})[value] = cell.get(key, {}).get(value, 0) + 1
 
@@ -293,31 +320,99 @@ def _matrix_rows() -> tuple[list[str], list[tuple[str, list[str]]]]:
                      for p in props]
 
 
-def _write_reports(columns: list[str], rows: list[tuple[str, list[str]]], md: list[str]) -> None:
+# reports/: the run's set (junit.xml, matrix.md, matrix.html, results.json) is built in a staging directory and
+# moved into place only when all of it is written, so reports/ never mixes two runs. Interrupted runs, runs stopped
+# with an exit code of their own (toolchain, unavailable backend) and xdist workers write nothing.
+REPORT_FILES = ("junit.xml", "matrix.md", "matrix.html", "results.json")
+_JUNIT: dict[str, Path | None] = {"staged": None, "user": None}
+_EXIT_STATUS: list[int] = []  # the session's exit status, once it is known
+
+
+def _reports_dir() -> Path:
+    return Path(os.environ.get("PERCPU_REPORTS", "reports"))
+
+
+def _stage_junit(config: pytest.Config) -> None:
+    """Point pytest's junitxml plugin (which writes when the session finishes) at a private file, so
+    reports/junit.xml is only ever replaced together with the matrix. A --junitxml elsewhere stays the user's
+    and is copied into the set."""
+    import shutil
+    import tempfile
+
+    if hasattr(config, "workerinput") or not hasattr(config.option, "xmlpath"):  # a worker, or -p no:junitxml
+        return
+    wanted = config.option.xmlpath
+    if wanted and Path(wanted).resolve() != (_reports_dir() / "junit.xml").resolve():
+        _JUNIT["user"], _JUNIT["staged"] = Path(wanted).resolve(), None
+        return
+    staging = Path(tempfile.mkdtemp(prefix="percpu-junit-"))
+    config.add_cleanup(lambda: shutil.rmtree(staging, ignore_errors=True))
+    _JUNIT["staged"] = config.option.xmlpath = staging / "junit.xml"
+    _JUNIT["user"] = None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Keep the exit status for the report writer; a worker hands its coverage counts to the controller."""
+    _EXIT_STATUS[:] = [int(exitstatus)]
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        from suites.support import COVERAGE
+
+        workeroutput["coverage"] = {family: dict(counts) for family, counts in COVERAGE.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - xdist's WorkerController, its error text
+    """Under xdist the examples run in the workers: their coverage counts are added up here."""
+    from suites.support import COVERAGE
+
+    for family, counts in getattr(node, "workeroutput", {}).get("coverage", {}).items():
+        COVERAGE.setdefault(family, Counter()).update(counts)
+
+
+def _write_reports(columns: list[str], rows: list[tuple[str, list[str]]], md: list[str],
+                   coverage: dict[str, dict[str, int]]) -> str | None:
+    """Write the run's report set into reports/ as a whole; the one line to print when it cannot be."""
     import html
     import json
-    from pathlib import Path
+    import shutil
+    import tempfile
 
-    out = Path(os.environ.get("PERCPU_REPORTS", "reports"))
+    out = _reports_dir()
+    staging: Path | None = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "matrix.md").write_text("\n".join(md) + "\n")
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))  # same filesystem: renames are atomic
+        (staging / "matrix.md").write_text("\n".join(md) + "\n")
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["property", *columns])
         body = "".join("<tr><td>" + html.escape(p) + "</td>" + "".join(
             f"<td class='{c.split()[0].rstrip(':').lower()}'>{html.escape(c)}</td>" for c in cells) + "</tr>"
             for p, cells in rows)
-        (out / "matrix.html").write_text(
+        (staging / "matrix.html").write_text(
             "<!doctype html><meta charset=utf-8><title>percpu-conformance matrix</title><style>"
             "td,th{border:1px solid #999;padding:4px}.pass{background:#cfc}.fail{background:#fcc}"
             ".skipped{background:#eee}.known{background:#ffd}</style>"
             f"<table><tr>{head}</tr>{body}</table>\n")
         cells = {f"{p}|{c}": v for (p, c), v in _MATRIX.items()}
         stale = [{"column": c, "id": i} for c, i in _known_not_reproduced()]
-        (out / "results.json").write_text(json.dumps({"matrix": cells, "columns": columns,
-                                                      "columns_env": _COLUMN_ENV,
-                                                      "known_not_reproduced": stale}, indent=1) + "\n")
+        (staging / "results.json").write_text(json.dumps({"matrix": cells, "columns": columns,
+                                                          "columns_env": _COLUMN_ENV,
+                                                          "known_not_reproduced": stale,
+                                                          "coverage": coverage}, indent=1) + "\n")
+        junit = _JUNIT["staged"] or _JUNIT["user"]
+        if junit is not None and junit.exists():
+            shutil.copyfile(junit, staging / "junit.xml")
+        for name in REPORT_FILES:  # a file this run did not make must not stay beside the ones it did
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     except OSError as e:
-        print(f"reports: cannot write {out}: {e.strerror}")
+        return f"reports: cannot write {out}: {e.strerror}"
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return None
 
 
 def _known_not_reproduced() -> list[tuple[str, str]]:
@@ -353,6 +448,8 @@ def _header_lines(columns: list[str], rows: list[tuple[str, list[str]]]) -> list
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    from suites.support import COVERAGE
+
     columns, rows = _matrix_rows()
     if not rows:
         return
@@ -364,11 +461,17 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
         terminalreporter.write_line(line)
     for column, entry in _known_not_reproduced():
         terminalreporter.write_line(f"known divergence {entry} did not reproduce ({column})")
-    _write_reports(columns, rows, md)
-    from suites.support import COVERAGE
-
     if COVERAGE:
         terminalreporter.section("layout-space coverage")
         for family, counts in sorted(COVERAGE.items()):
             top = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
             terminalreporter.write_line(f"{family}: {top}")
+    if hasattr(getattr(terminalreporter, "config", None), "workerinput"):
+        return  # the controller writes the reports, from every worker's results
+    if _EXIT_STATUS and _EXIT_STATUS[0] not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        terminalreporter.write_line(f"reports: not written (the run ended with exit {_EXIT_STATUS[0]}); "
+                                    f"{_reports_dir()} keeps the last complete run's")
+        return
+    problem = _write_reports(columns, rows, md, {f: dict(c) for f, c in sorted(COVERAGE.items())})
+    if problem:
+        terminalreporter.write_line(problem)

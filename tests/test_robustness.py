@@ -175,7 +175,11 @@ def test_bpf_refused_skips_the_kernel_backend_with_its_reason():
 
 
 def test_sigint_mid_run_stops_cleanly_and_keeps_what_it_found(tmp_path):
-    env = {**ENV, "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_CACHE": str(tmp_path / "cache")}
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "matrix.md").write_text("the last complete run's\n")
+    env = {**ENV, "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_CACHE": str(tmp_path / "cache"),
+           "PERCPU_REPORTS": str(reports)}
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "suites", "-q", "--backend", "sim",
                              "--backend", "kernel", "--hypothesis-profile=ci"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -187,6 +191,41 @@ def test_sigint_mid_run_stops_cleanly_and_keeps_what_it_found(tmp_path):
     assert proc.returncode == 2, out[-2000:]  # interrupted, not passed
     assert "KeyboardInterrupt" in out
     assert _group_members(proc.pid) == []
+    # an interrupted run's matrix is partial: reports/ keeps the last complete run's
+    assert sorted(p.name for p in reports.iterdir()) == ["matrix.md"]
+    assert (reports / "matrix.md").read_text() == "the last complete run's\n"
+
+
+# A Ctrl-C that lands in a garbage-collector callback is raised there, reported as unraisable and dropped by
+# CPython. Hypothesis times every collection with such a callback, so a real Ctrl-C was lost now and then (the
+# run went on to its end). This plugin makes that happen on purpose, once, during the first test.
+_SWALLOWING_PLUGIN = """
+import gc
+
+armed = []
+
+
+def _interrupt_in_gc(phase, info):
+    if armed and phase == "start":
+        armed.clear()
+        raise KeyboardInterrupt
+
+
+def pytest_runtest_call(item):
+    if not hasattr(_interrupt_in_gc, "done"):
+        _interrupt_in_gc.done = True
+        armed.append(True)
+        gc.callbacks.append(_interrupt_in_gc)
+"""
+
+
+def test_an_interrupt_dropped_in_a_gc_callback_still_stops_the_run(tmp_path):
+    (tmp_path / "interrupt_in_gc.py").write_text(_SWALLOWING_PLUGIN)
+    env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "PERCPU_REPORTS": str(tmp_path / "reports")}
+    proc = run("-m", "pytest", "suites/test_compiler_layout.py", "-q", "-p", "interrupt_in_gc", "--backend", "sim",
+               "--hypothesis-profile=ci", env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:]  # interrupted: not a run that went on and passed
+    assert "KeyboardInterrupt" in proc.stdout
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -219,3 +258,82 @@ def test_same_seed_twice_gives_identical_examples_and_results(clang):
         return out
 
     assert observe_all(first) == observe_all(second)
+
+
+def _node_outcomes(stdout: str) -> dict[str, str]:
+    """nodeid -> PASSED/FAILED from pytest -v lines."""
+    out = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED"):
+            out[parts[0]] = parts[1]
+    return out
+
+
+def test_last_failed_reruns_only_the_last_failures(tmp_path):
+    """--lf works: pytest's cache provider is on (with it off, --lf silently ran everything)."""
+    env = {**ENV, "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_REPORTS": str(tmp_path / "reports")}
+    args = ("-m", "pytest", "suites/test_runtime.py", "-v", "-p", "no:randomly", "-k", "corpus", "--backend", "sim",
+            "--sim-profile", "merged-norewrite", "-o", f"cache_dir={tmp_path / 'cache'}")
+    first = run(*args, env=env)
+    assert first.returncode == 1, first.stdout[-2000:]
+    outcomes = _node_outcomes(first.stdout)
+    failed = {n for n, o in outcomes.items() if o == "FAILED"}
+    assert failed and len(failed) < len(outcomes), first.stdout[-2000:]
+    again = run(*args, "--lf", env=env)
+    assert f"run-last-failure: rerun previous {len(failed)} failures" in again.stdout, again.stdout[:2000]
+    assert set(_node_outcomes(again.stdout)) == failed
+
+
+def _junit_cases(path: Path) -> int:
+    import xml.etree.ElementTree as ET
+
+    return len(ET.parse(path).getroot().findall(".//testcase"))
+
+
+def test_reports_are_written_whole_and_keep_coverage_under_xdist(tmp_path):
+    """Every run with conformance rows writes junit.xml, the matrix and results.json together; under -n 2 the
+    controller adds up the workers' coverage, so the section and results.json's counts equal a serial run's."""
+    import json
+
+    from conftest import REPORT_FILES
+
+    docs = {}
+    for mode, extra in (("serial", ()), ("xdist", ("-n", "2"))):
+        reports = tmp_path / mode
+        env = {**ENV, "PERCPU_FAILURES": str(tmp_path / "failures"), "PERCPU_REPORTS": str(reports)}
+        proc = run("-m", "pytest", "suites/test_maps.py", "-q", "-p", "no:randomly", "-k", "corpus", "--backend",
+                   "sim", *extra, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        assert "layout-space coverage" in proc.stdout, proc.stdout[-2000:]
+        assert sorted(p.name for p in reports.iterdir()) == sorted(REPORT_FILES)  # no staging left behind
+        docs[mode] = json.loads((reports / "results.json").read_text())
+        runs = sum(n for cell in docs[mode]["matrix"].values() for k, n in cell.items()
+                   if k in ("passed", "failed", "skipped"))
+        assert _junit_cases(reports / "junit.xml") == runs
+    assert docs["serial"]["coverage"] and docs["xdist"]["coverage"] == docs["serial"]["coverage"]
+
+
+def test_reports_that_cannot_be_written_whole_are_not_written_at_all(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import conftest
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    before = {name: f"old {name}\n" for name in conftest.REPORT_FILES}
+    for name, text in before.items():
+        (reports / name).write_text(text)
+    junit = tmp_path / "junit.xml"
+    junit.write_text("<testsuites/>")
+    monkeypatch.setenv("PERCPU_REPORTS", str(reports))
+    monkeypatch.setitem(conftest._JUNIT, "staged", junit)
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)  # the junit copy: after the matrix, before any rename
+    problem = conftest._write_reports(["sim"], [("test_x.py::test_p", ["pass"])], ["| x |"], {})
+    assert problem == f"reports: cannot write {reports}: No space left on device"
+    assert {p.name: p.read_text() for p in reports.iterdir()} == before
