@@ -283,18 +283,23 @@ def dumped_type_mismatches(facts: ObjectFacts, workdir: Path, cc: str = "gcc") -
     than the object's BTF gives: the cause of a skeleton's failed size assertion, if that is it."""
     if facts.btf_data is None or not (workdir / "types.h").exists():
         return []
-    records = [(t.kind, t.name, t.size) for t in Btf.parse(facts.btf_data).types
-               if t.kind in ("struct", "union") and t.name]
+    types = Btf.parse(facts.btf_data).types
+    dumped = (workdir / "types.h").read_text()
+    missing = [f"{t.kind} {t.name}: not in the dump" for t in types
+               if t.kind in ("enum", "enum64", "struct", "union") and t.name
+               and not re.search(rf"^{'enum' if t.kind == 'enum64' else t.kind} {re.escape(t.name)} {{", dumped, re.M)]
+    records = [(t.kind, t.name, t.size) for t in types
+               if t.kind in ("struct", "union") and t.name and f"{t.kind} {t.name}: not in the dump" not in missing]
     if not records:
-        return []
+        return missing
     body = [f'\tprintf("{k} {n} %zu {size}\\n", sizeof({k} {n}));' for k, n, size in records]
     source = workdir / "type_sizes.c"
     source.write_text("\n".join(["#include <stdio.h>", '#include "types.h"', "int main(void)", "{", *body,
                                   "\treturn 0;", "}", ""]))
     exe = workdir.resolve() / "type_sizes"
     if _run([cc, "-w", "-o", str(exe), str(source)], "C compiler").returncode != 0:
-        return []
-    out = []
+        return missing
+    out = list(missing)
     for line in _run([str(exe)], "type sizes").stdout.splitlines():
         kind, name, c_size, btf_size = line.split()
         if c_size != btf_size:
@@ -329,7 +334,8 @@ def build_harness(obj: Path, facts: ObjectFacts, plan: SkeletonPlan, workdir: Pa
     if comp.returncode != 0:
         first = next((ln for ln in comp.stderr.splitlines() if "error" in ln), comp.stderr.strip())
         # bpftool's own _Static_assert on a member's size: its header and the dumped types disagree
-        kind = "size_assert_failed" if "unexpected size of" in comp.stderr else "compile_error"
+        kind = ("incomplete_type" if "has incomplete type" in comp.stderr
+                else "size_assert_failed" if "unexpected size of" in comp.stderr else "compile_error")
         error = HarnessError(f"the skeleton harness does not compile: {first}", kind)
         error.mismatched_types = dumped_type_mismatches(facts, workdir, cc)
         raise error
