@@ -13,17 +13,18 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from schema.cpulist import parse_cpulist
 
-_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                        HealthCheck.large_base_example]}
-settings.register_profile("dev", max_examples=25, **_COMMON)
+# every profile builds on this one (a parent settings object, so each keyword keeps its type)
+_COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                         HealthCheck.large_base_example])
+settings.register_profile("dev", _COMMON, max_examples=25)
 # ci: fixed seed, no example database: the same examples on every machine and every run
-settings.register_profile("ci", max_examples=40, derandomize=True, database=None, print_blob=True, **_COMMON)
+settings.register_profile("ci", _COMMON, max_examples=40, derandomize=True, database=None, print_blob=True)
 # bench: deterministic like ci, with enough examples per property that per-worker start-up is amortised
-settings.register_profile("bench", max_examples=150, derandomize=True, database=None, **_COMMON)
+settings.register_profile("bench", _COMMON, max_examples=150, derandomize=True, database=None)
 _NIGHTLY_DB = os.environ.get("PERCPU_HYPOTHESIS_DB")
 # nightly: rounds of 300 examples a property with fresh seeds until the budget is spent (suites/nightly.py)
-settings.register_profile("nightly", max_examples=300, print_blob=True, **_COMMON,
-                          **({"database": DirectoryBasedExampleDatabase(_NIGHTLY_DB)} if _NIGHTLY_DB else {}))
+settings.register_profile("nightly", settings(_COMMON, database=DirectoryBasedExampleDatabase(_NIGHTLY_DB))
+                          if _NIGHTLY_DB else _COMMON, max_examples=300, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
@@ -165,7 +166,7 @@ def backend(request: pytest.FixtureRequest, config: RunConfig, clang):
             _BACKENDS[key] = built = from_config(key, _defaults(request.config))
             wrong = request.config.getoption("--predict-profile")
             if wrong and not key.startswith("sim"):
-                built.profile = wrong  # type: ignore[misc]
+                built.profile = wrong
         except Unavailable as e:
             _BACKENDS[key] = e
     found = _BACKENDS[key]
@@ -195,7 +196,7 @@ def _vm_examples(request: pytest.FixtureRequest):
     callspec = getattr(request.node, "callspec", None)
     key = callspec.params.get("backend") if callspec is not None else None
     built = _BACKENDS.get(key) if key is not None else None
-    if built is not None and not isinstance(built, Exception) and key not in _ENV_SENT:
+    if key is not None and built is not None and not isinstance(built, Exception) and key not in _ENV_SENT:
         import json
 
         _ENV_SENT.add(key)

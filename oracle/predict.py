@@ -182,7 +182,11 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
     result = new_result("oracle", env, {"path": str(facts.path), "sha256": facts.sha256})
     obj_name = object_name(facts.path.name)
 
-    sections = sorted(model.sections(), key=lambda s: facts.section(s).index if facts.section(s) else 1 << 30)
+    def placed(s: str) -> int:
+        sec = facts.section(s)
+        return sec.index if sec is not None else 1 << 30
+
+    sections = sorted(model.sections(), key=placed)
     kinds = {s: section_kind(s, libbpf) for s in sections}
 
     # Old libbpf: an unknown section referenced by an instruction fails the open [V, measured].
@@ -211,7 +215,8 @@ def predict_load(model: ProgramModel, facts: ObjectFacts, profile: Profile, *, p
         if kind is None:
             continue
         members = [v for v in model.variables if v.section == section]
-        size = facts.section(section).size if facts.section(section) else 0
+        sec = facts.section(section)
+        size = sec.size if sec is not None else 0
         for v in members:
             result["variables"].append({"name": v.name, "section": section, "offset": _offset(facts, v),
                                         "size": v.type.size})

@@ -101,7 +101,7 @@ def predict_skeleton(model: ProgramModel, facts: ObjectFacts, profile: Profile, 
         value_size = entries[s]["value_size"]
         ssize = struct_size(model, facts, s)
         members = [v for v in model.variables if v.section == s]
-        base = bytes(_image(members, facts, s, facts.section(s).size)).ljust(value_size, b"\0")
+        base = bytes(_image(members, facts, s, facts.require_section(s).size)).ljust(value_size, b"\0")
         image = _written(base, model, facts, s, plan.writes.get(s))
         doc: dict[str, Any] = {"skel_open": True, "initial_value_is_skel": True, "initial_value_size": value_size,
                                "value_size": value_size, "struct_size": ssize, "btf_value_type": True,

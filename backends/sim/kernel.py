@@ -177,6 +177,8 @@ def kernel_row(name: str) -> KernelProfile:
 class SimError(OSError):
     """A failed simulated syscall: errno, the message (the verifier's last line for prog_load) and a class."""
 
+    errno: int  # always set: the constructor takes it
+
     def __init__(self, err: int, message: str, error_class: str | None = None, log: str = "") -> None:
         super().__init__(err, message)
         self.message = message
