@@ -246,6 +246,9 @@ class VmBackend:
         if self.loader == "raw" or self.target.bpftool is None or self.libbpf_path is None:
             raise NotImplementedError(f"{self.name}: a skeleton needs libbpf and the stack's bpftool")
         include = Path(self.libbpf_path).parent / "include"
+        if not include.is_dir() and self.target.libbpf is not None:
+            # a libbpf built from a tree (src:) installs no headers: the stack's, of the same API, stand in
+            include = self.target.libbpf.parent / "include"
         if not include.is_dir():
             raise NotImplementedError(f"{self.name}: no libbpf headers beside {self.libbpf_path}")
         work = Path(tempfile.mkdtemp(prefix="percpu-skel-", dir=_pickles()))
