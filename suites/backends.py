@@ -195,6 +195,14 @@ class KernelBackend:
 
         return observe_kernel(case, runs)  # type: ignore[arg-type]
 
+    def observe_jited(self, register: int, offset: int) -> dict:
+        """The x86 registers the JIT adds the per-CPU offset into after `rN = map_value(off) ll`."""
+        if self.loader != "raw":
+            raise NotImplementedError("the JIT case loads through bpf() directly: it runs under the raw loader")
+        from backends.kernel.jited import observe_percpu_addr_jit
+
+        return observe_percpu_addr_jit(register, offset)
+
 
 # -- the registry --------------------------------------------------------------------------------------------------
 

@@ -281,3 +281,20 @@ class VmBackend:
         req = {**self._base("verifier_case"), "case": to_jsonable(case), "runs": [list(r) for r in runs]}
         return self._ask(req, {}, None)
 
+    def observe_jited(self, register: int, offset: int) -> dict[str, Any]:
+        """The kernel backend's observe_jited in the guest (agent request "jited")."""
+        from backends.vm.machine import GuestFailure
+
+        if self.loader != "raw":
+            raise NotImplementedError("the JIT case loads through bpf() directly: it runs under vm-raw")
+        try:
+            answer = self.machine.request({**self._base("jited"), "register": register, "offset": offset})
+        except GuestFailure as e:
+            raise self._guest_failed(str(e), e.console_tail, None) from None
+        if answer.get("kernel_log"):
+            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
+                                     "\n".join(answer["kernel_log"]), None)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: the guest could not observe: {answer['error']['message']}")
+        return dict(answer["jited"])
+

@@ -21,7 +21,7 @@ from types import TracebackType
 __all__ = [
     "BpfError", "Fd", "TestRun", "ProgInfo", "MapInfo",
     "map_create", "map_update_elem", "map_lookup_elem", "map_delete_elem", "map_freeze",
-    "prog_load", "prog_test_run", "prog_info", "prog_xlated", "map_info", "btf_load",
+    "prog_load", "prog_test_run", "prog_info", "prog_xlated", "prog_jited_insns", "map_info", "btf_load",
     "prog_get_fd_by_id", "map_get_fd_by_id", "percpu_value_size", "round_up", "link_create",
 ]
 
@@ -508,6 +508,22 @@ def prog_xlated(prog_fd: FdLike) -> bytes:
     struct.pack_into("<Q", info, 32, ctypes.addressof(buf))
     _get_info(prog_fd, info)
     return buf.raw[:min(length, struct.unpack_from("<I", info, 20)[0])]
+
+
+def prog_jited_insns(prog_fd: FdLike) -> bytes:
+    """The JIT's machine code for the program (bpf_prog_info jited_prog_len / jited_prog_insns); b"" when it runs
+    in the interpreter. The kernel hands it only to a caller allowed raw dumps (root, kptr_restrict)."""
+    length = prog_info(prog_fd).jited_prog_len
+    if not length:
+        return b""
+    buf = ctypes.create_string_buffer(length)
+    info = ctypes.create_string_buffer(INFO_SIZE)
+    struct.pack_into("<I", info, 16, length)
+    struct.pack_into("<Q", info, 24, ctypes.addressof(buf))
+    _get_info(prog_fd, info)
+    if not struct.unpack_from("<Q", info, 24)[0]:  # zeroed by the kernel: raw dumps not allowed to this caller
+        raise BpfError(_errno.EPERM, "BPF_OBJ_GET_INFO_BY_FD")
+    return buf.raw[:min(length, struct.unpack_from("<I", info, 16)[0])]
 
 
 def map_info(map_fd: FdLike) -> MapInfo:

@@ -352,6 +352,10 @@ def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, An
         doc = _verifier_case(req)
         doc["source"] = "vm"
         return {"observation": doc}
+    if kind == "jited":  # which registers the JIT adds the per-CPU offset into (backends.kernel.jited)
+        from backends.kernel.jited import observe_percpu_addr_jit
+
+        return {"jited": observe_percpu_addr_jit(int(req["register"]), int(req.get("offset", 0)))}
     if kind == "exec":  # a program the host built for this guest (the skeleton harness): its exit and output
         return {"exec": _exec(req)}
     if kind == "crash":  # fault injection for the suite's own tests: a real guest panic

@@ -1,0 +1,53 @@
+"""The JIT output per register (verifier_percpu_addr's __jited check): `rN = map_value(percpu map, off) ll;
+r0 = 0; exit` is accepted, and its x86-64 jited image adds the per-CPU offset (`add <reg>, gs:[...]`) into the
+x86 register of rN and nowhere else, for r0-r9 and any offset within the value. It needs the raw loader, the JIT
+on and a kernel with direct value access on PERCPU_ARRAY; elsewhere it is skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from backends.kernel.jited import PERCPU_ADDR_VALUE_SIZE
+from oracle.jited import predict_percpu_addr_jit
+from suites.support import failures_dir
+
+pytestmark = pytest.mark.verifier
+
+
+def _kernel_axis(backend):  # noqa: ANN001, ANN202 - a suites.backends.Backend; an oracle.profiles.KernelAxis
+    """The backend's kernel axis, or a skip naming what it lacks."""
+    from oracle.profiles import kernel_axis
+    from schema import profiles as registry
+
+    if not hasattr(backend, "observe_jited"):
+        pytest.skip(f"{backend.name}: no JIT to read the output of")
+    row, modifiers = registry.lookup(backend.profile)
+    kernel = kernel_axis(registry.join_modifiers(row.kernel_axis, modifiers))
+    if not kernel.percpu_direct_value:
+        pytest.skip(f"{backend.name}: the kernel has no direct value access on PERCPU_ARRAY (profile "
+                    f"{backend.profile})")
+    if not (kernel.jit_enabled and kernel.percpu_insn_jit):
+        pytest.skip(f"{backend.name}: needs the JIT on, with per-CPU instructions (profile {backend.profile})")
+    return kernel
+
+
+@given(st.integers(0, 9), st.integers(0, PERCPU_ADDR_VALUE_SIZE - 1))
+def test_jited_percpu_add_goes_into_the_loaded_register(backend, register, offset):
+    kernel = _kernel_axis(backend)
+    expected = predict_percpu_addr_jit(register, offset, kernel)
+    try:
+        observed = backend.observe_jited(register, offset)
+    except NotImplementedError as e:  # a libbpf column: the case loads through bpf() directly
+        pytest.skip(str(e))
+    event(f"r{register}")
+    if {k: observed.get(k) for k in expected} != expected:
+        root = failures_dir() / f"jited-{backend.name}-r{register}-off{offset}"
+        root.mkdir(parents=True, exist_ok=True)
+        for label, doc in (("expected", expected), ("observed", observed)):
+            (root / f"{label}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        raise AssertionError(f"[verifier] r{register} off={offset}: expected {expected}, observed {observed}; "
+                             f"bundle {root}")
