@@ -3,7 +3,7 @@ VENV ?= .venv
 TOX = $(VENV)/bin/tox
 ARGS ?=
 
-.PHONY: setup conformance test vm-smoke stack clean
+.PHONY: setup conformance test vm-smoke stack upstream clean
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
@@ -24,6 +24,13 @@ vm-smoke: setup
 # The real stack (Linux 7.3.4, libbpf 1.8.0, bpftool 7.8.0) into the cache; prints its paths as JSON
 stack:
 	@VENV=$(VENV) bash scripts/setup.sh stack
+
+# Upstream's own percpu selftests (test_progs -t global_percpu_data, -t verifier_percpu_addr) built from the
+# stack's source into its cache, once, and run on this kernel; prints the build, its times and the verdicts as JSON
+upstream: setup
+	@VENV=$(VENV) bash scripts/setup.sh upstream
+	@VENV=$(VENV) bash scripts/setup.sh stack >/dev/null
+	python3 -m backends.stack upstream $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tox reports failures .hypothesis

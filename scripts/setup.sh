@@ -13,8 +13,14 @@ fi
 # `setup.sh stack`: what provisioning the real stack needs (apt-get download, dpkg-deb, depmod, the libbpf and
 # bpftool builds); the packages themselves are only unpacked into the cache, never installed
 # (`setup.sh stack-deps`: only those packages, for the suite's own tests of provisioning)
-if [ "${1:-}" = stack ] || [ "${1:-}" = stack-deps ]; then
+if [ "${1:-}" = stack ] || [ "${1:-}" = stack-deps ] || [ "${1:-}" = upstream ]; then
   APT_PACKAGES+=(debian-archive-keyring xz-utils kmod make pkg-config libelf-dev zlib1g-dev libcap-dev libssl-dev)
+fi
+# `setup.sh upstream`: what building upstream's selftests from the stack's source needs (backends/stack/upstream.py):
+# extract-vmlinux's readelf and the image's decompressor (Debian's are zstd), openssl for test_progs' signing
+# certificate, LLVM's development files for its JIT disassembler
+if [ "${1:-}" = upstream ]; then
+  APT_PACKAGES+=(binutils zstd openssl llvm-19-dev)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
