@@ -179,14 +179,19 @@ _FIRST_BUF = 1024
 _FALLBACK_BUF = 1 << 20
 
 
+_AP_COPY = ctypes.create_string_buffer(_VA_LIST_BYTES or 1)
+_LINE_BUF = ctypes.create_string_buffer(_FIRST_BUF)
+
+
 def _format(fmt: int, ap: int) -> str:
     if _VA_LIST_BYTES is None:
         buf = ctypes.create_string_buffer(_FALLBACK_BUF)
         _vsnprintf(buf, _FALLBACK_BUF, fmt, ap)
         return buf.value.decode("utf-8", "replace")
-    ap_copy = ctypes.create_string_buffer(_VA_LIST_BYTES)
+    # one pair of buffers for every message (libbpf prints dozens per load; the callback runs in the calling
+    # thread, one at a time)
+    ap_copy, buf = _AP_COPY, _LINE_BUF
     ctypes.memmove(ap_copy, ap, _VA_LIST_BYTES)
-    buf = ctypes.create_string_buffer(_FIRST_BUF)
     n = _vsnprintf(buf, _FIRST_BUF, fmt, ctypes.addressof(ap_copy))
     if n >= _FIRST_BUF:
         buf = ctypes.create_string_buffer(n + 1)

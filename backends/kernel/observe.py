@@ -245,7 +245,7 @@ def _read_cached(path: str, _stamp: tuple[int, int, int]) -> ObjectFacts:
 def object_facts(obj_path: str | os.PathLike[str]) -> ObjectFacts:
     """The object's facts; parsing dominates an observation, so a file unchanged since its last read (same inode,
     size and mtime) is parsed once."""
-    path = os.path.realpath(obj_path)
+    path = os.path.abspath(obj_path)  # not realpath: an lstat per component costs milliseconds over 9p
     try:
         st = os.stat(path)
     except OSError:
