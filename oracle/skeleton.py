@@ -159,8 +159,25 @@ def predict_skeleton(model: ProgramModel, facts: ObjectFacts, profile: Profile, 
             doc["cpus_after_cpu_update"] = list(per_cpu)
         # a plain lookup: every possible CPU at stride round_up(value_size, 8); the padding was never written
         doc["full_lookup"] = "".join(v + "00" * (round_up(vs, 8) - vs) for v in per_cpu)
+    if plan.rdonly is not None:
+        out.update(_rdonly(plan.rdonly, kernel.bpf_f_cpu, kernel.percpu_direct_value, possible_cpus))
     plain = next((s for s in sections if s in (".data", ".bss") and s in entries
                   and entries[s]["flags"] & BPF_F_MMAPABLE), None)
     if plain is not None:
         out["plain_map_cpu_flag"] = -EINVAL  # bpf_map_check_op_flags: BPF_F_CPU on a map that is not per-CPU
     return out
+
+
+EACCES, EPERM = 13, 1
+
+
+def _rdonly(value: bytes, bpf_f_cpu: bool, direct_value: bool, possible_cpus: int) -> dict[str, Any]:
+    """A BPF_F_RDONLY_PROG percpu array filled by one BPF_F_ALL_CPUS update and frozen: user space can no longer
+    write it (EPERM); a program may read its value directly, but a write is refused in check_map_access_type
+    ("write into map forbidden", EACCES) before any bounds check."""
+    cpus: list[Any] = [value.hex()] * possible_cpus if bpf_f_cpu else [-EINVAL] * possible_cpus
+    return {"rdonly": {"create": 0, "all_cpus_update": 0 if bpf_f_cpu else -EINVAL, "freeze": 0, "cpus": cpus,
+                       "update_frozen": -EPERM},
+            "read_prog": {"loaded": direct_value, "errno": 0 if direct_value else EINVAL, "write_forbidden": False},
+            "write_prog": {"loaded": False, "errno": EACCES if direct_value else EINVAL,
+                           "write_forbidden": direct_value}}

@@ -28,19 +28,24 @@ class SkeletonPlan:
     runs: tuple[tuple[str, int, int], ...] = ()  # (program, cpu, count) after load
     all_cpus: Mapping[str, bytes] = field(default_factory=dict)  # section -> BPF_F_ALL_CPUS update, after runs
     one_cpu: Mapping[str, tuple[int, bytes]] = field(default_factory=dict)  # section -> (cpu, BPF_F_CPU update)
+    # a hand-made BPF_F_RDONLY_PROG percpu array (upstream's rdonly_direct_read/_write): filled with this value
+    # by one BPF_F_ALL_CPUS update, frozen, then read and written by two direct-access programs
+    rdonly: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"writes": {k: v.hex() for k, v in self.writes.items()}, "resize": dict(self.resize),
                 "load": self.load, "runs": [list(r) for r in self.runs],
                 "all_cpus": {k: v.hex() for k, v in self.all_cpus.items()},
-                "one_cpu": {k: [c, v.hex()] for k, (c, v) in self.one_cpu.items()}}
+                "one_cpu": {k: [c, v.hex()] for k, (c, v) in self.one_cpu.items()},
+                "rdonly": self.rdonly.hex() if self.rdonly is not None else None}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> SkeletonPlan:
         return cls({k: bytes.fromhex(v) for k, v in doc.get("writes", {}).items()}, dict(doc.get("resize", {})),
                    bool(doc.get("load", True)), tuple((str(p), int(c), int(n)) for p, c, n in doc.get("runs", ())),
                    {k: bytes.fromhex(v) for k, v in doc.get("all_cpus", {}).items()},
-                   {k: (int(c), bytes.fromhex(v)) for k, (c, v) in doc.get("one_cpu", {}).items()})
+                   {k: (int(c), bytes.fromhex(v)) for k, (c, v) in doc.get("one_cpu", {}).items()},
+                   bytes.fromhex(doc["rdonly"]) if doc.get("rdonly") is not None else None)
 
 
 # Each reported field, and the layer whose mistake would show there first (schema.result.LAYERS): libbpf's and
@@ -73,6 +78,9 @@ SKELETON_FIELD_LAYERS: dict[str, str] = {
     "cpus_after_cpu_update": "runtime",
     "full_lookup": "runtime",
     "plain_map_cpu_flag": "runtime",
+    "rdonly": "runtime",  # the kernel's map operations on it
+    "read_prog": "verifier",
+    "write_prog": "verifier",
 }
 
 

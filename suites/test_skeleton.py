@@ -61,7 +61,9 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
                         all_cpus={s: data.draw(st.binary(min_size=n, max_size=n), label=f"all cpus {s}")
                                   for s, n in sizes.items()},
                         one_cpu={s: (cpu, data.draw(st.binary(min_size=n, max_size=n), label=f"cpu {cpu} {s}"))
-                                 for s, n in sizes.items()})
+                                 for s, n in sizes.items()},
+                        # upstream's percpu_ro_map holds one 8-byte value; its programs read 8 bytes at offset 0
+                        rdonly=data.draw(st.binary(min_size=8, max_size=64), label="read-only array value"))
     expected = predict_skeleton(model, compiled.facts, prof, plan, possible_cpus=backend.possible_cpus,
                                 online_cpus=list(backend.online_cpus))
     observed = backend.observe_skeleton(compiled, plan)

@@ -21,14 +21,17 @@ from typing import Any
 from backends.kernel.observe import BackendUnavailable
 from backends.kernel.skeleton import section_ident
 from schema.skeleton import CPU_OUT_OF_RANGE, SkeletonPlan
+from toolchain import insn as I
 from toolchain.btf import Btf
 from toolchain.elf import ObjectFacts
-from toolchain.uapi import BPF_F_ALL_CPUS, BPF_F_CPU
+from toolchain.insn import Insn, encode
+from toolchain.uapi import BPF_F_ALL_CPUS, BPF_F_CPU, BPF_F_RDONLY_PROG, BPF_MAP_TYPE_PERCPU_ARRAY
 
 __all__ = ["Harness", "build_harness", "exposed_members", "run_harness"]
 
 TIMEOUT = 60.0
 BTF_VAR_STATIC = 0  # the skeleton exposes every other linkage
+SOCKET_FILTER = 1  # BPF_PROG_TYPE_SOCKET_FILTER, as upstream's rdonly tests load
 
 _PRELUDE = r"""
 #include <errno.h>
@@ -37,6 +40,7 @@ _PRELUDE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
@@ -214,7 +218,7 @@ def _after_load_block(section: str, plan: SkeletonPlan, phase: str) -> list[str]
 
 def harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, percpu: list[str],
                    plain: str | None, programs: list[str]) -> str:
-    biggest = max([len(v) for v in [*plan.writes.values(), *plan.all_cpus.values()]]
+    biggest = max([len(v) for v in [*plan.writes.values(), *plan.all_cpus.values(), plan.rdonly or b""]]
                   + [len(v) for _, v in plan.one_cpu.values()] + [8])
     # the UAPI numbers come from the suite's one owner: the system's linux/bpf.h may predate them
     lines = [_PRELUDE.replace("@BPF_F_CPU@", str(BPF_F_CPU)), '#include "types.h"', f'#include "{name}.skel.h"',
@@ -255,8 +259,45 @@ def harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, percpu: li
                   f"\t\tunsigned char *buf = calloc(1, bpf_map__value_size(skel->maps.{ident}) + 8);",
                   f'\t\tprintf(",\\"plain_map_cpu_flag\\":%d", bpf_map_lookup_elem_flags(bpf_map__fd('
                   f"skel->maps.{ident}), &key, buf, {BPF_F_CPU}) ? -errno : 0);", "\t\tfree(buf);", "\t}"]
+    if plan.rdonly is not None:
+        lines += _rdonly_block(plan.rdonly)
     lines += ['\tprintf("}\\n");', f"\t{name}__destroy(skel);", "\treturn 0;", "}", ""]
     return "\n".join(lines)
+
+
+def _insns(program: list[Insn]) -> str:
+    return ", ".join(f"0x{b:02x}" for b in encode(program))
+
+
+def _rdonly_block(value: bytes) -> list[str]:
+    """Upstream's rdonly_direct_read/_write on a map the suite makes: one BPF_F_ALL_CPUS update, freeze, then
+    an 8-byte direct read (must load) and an 8-byte direct write (must be refused) of its value."""
+    read = [*I.ld_map_value(1, 0, 0), I.ldx_mem(I.BPF_DW, 0, 1, 0), I.exit_insn()]
+    write = [*I.ld_map_value(1, 0, 0), I.st_mem(I.BPF_DW, 1, 0, 1), I.mov64_imm(0, 0), I.exit_insn()]
+    out = ["\t{", f'\t\tLIBBPF_OPTS(bpf_map_create_opts, mo, .map_flags = {BPF_F_RDONLY_PROG});',
+           f'\t\tint fd = bpf_map_create({BPF_MAP_TYPE_PERCPU_ARRAY}, "percpu_ro_map", 4, {len(value)}, 1, &mo);',
+           "\t\tunsigned int key = 0;", f"\t\tunsigned char *buf = calloc(1, {len(value)} + 8);",
+           f"\t\tunhex({_c_bytes(value)}, w, {len(value)});",
+           '\t\tprintf(",\\"rdonly\\":{\\"create\\":%d", fd < 0 ? -errno : 0);',
+           f'\t\tprintf(",\\"all_cpus_update\\":%d", bpf_map_update_elem(fd, &key, w, {BPF_F_ALL_CPUS}) ? -errno : 0);',
+           '\t\tprintf(",\\"freeze\\":%d", bpf_map_freeze(fd) ? -errno : 0);',
+           '\t\tprintf(",\\"cpus\\":[");',
+           "\t\tfor (int cpu = 0; cpu < ncpu; cpu++) {",
+           f"\t\t\tint e = bpf_map_lookup_elem_flags(fd, &key, buf, {BPF_F_CPU} | ((__u64)cpu << 32)) ? -errno : 0;",
+           "\t\t\tif (cpu) putchar(',');", f"\t\t\tif (e) printf(\"%d\", e); else hex(buf, {len(value)});", "\t\t}",
+           '\t\tprintf("]");',
+           f'\t\tprintf(",\\"update_frozen\\":%d}}", bpf_map_update_elem(fd, &key, w, {BPF_F_ALL_CPUS}) ? -errno : 0);']
+    for label, prog in (("read_prog", read), ("write_prog", write)):
+        out += ["\t\t{", f"\t\t\tstatic unsigned char code[] = {{{_insns(prog)}}};",
+                "\t\t\tstruct bpf_insn *insns = (struct bpf_insn *)code;", "\t\t\tchar log[4096] = \"\";",
+                "\t\t\tLIBBPF_OPTS(bpf_prog_load_opts, po, .log_buf = log, .log_size = sizeof(log), .log_level = 1);",
+                "\t\t\tinsns[0].imm = fd;",
+                f'\t\t\tint pfd = bpf_prog_load({SOCKET_FILTER}, "{label}", "GPL", insns, sizeof(code) / 8, &po);',
+                f'\t\t\tprintf(",\\"{label}\\":{{\\"loaded\\":%s,\\"errno\\":%d,\\"write_forbidden\\":%s}}", '
+                'pfd >= 0 ? "true" : "false", pfd >= 0 ? 0 : errno, '
+                'strstr(log, "write into map forbidden") ? "true" : "false");',
+                "\t\t\tif (pfd >= 0) close(pfd);", "\t\t}"]
+    return [*out, "\t\tclose(fd);", "\t\tfree(buf);", "\t}"]
 
 
 def _run(argv: list[str], what: str, **kw: Any) -> subprocess.CompletedProcess[str]:  # noqa: ANN401
