@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from schema import profiles as registry
 from schema.objectset import SetPlan
@@ -194,6 +194,13 @@ class KernelBackend:
         from suites.verifier_backends import observe_kernel
 
         return observe_kernel(case, runs)  # type: ignore[arg-type]
+
+    def run_reference(self, build: Any, test: str) -> dict[str, Any]:  # noqa: ANN401 - UpstreamBuild
+        """Upstream's own test_progs -t TEST on this machine's kernel."""
+        from backends.stack.upstream import run_reference
+
+        run = run_reference(build, test)
+        return {"exit": run.exit_code, "verdicts": run.verdicts, "output": run.output}
 
     def observe_jited(self, register: int, offset: int) -> dict:
         """The x86 registers the JIT adds the per-CPU offset into after `rN = map_value(off) ll`."""

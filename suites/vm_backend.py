@@ -273,6 +273,23 @@ class VmBackend:
                                f"{run['stderr'].strip()[-300:]}")
         return parse_report(run["stdout"])
 
+    def run_reference(self, build: Any, test: str) -> dict[str, Any]:  # noqa: ANN401 - stack.upstream.UpstreamBuild
+        """Upstream's own test_progs -t TEST in the guest, with this column's JIT state: exit code, verdicts."""
+        from backends.stack.upstream import reference_verdicts
+        from backends.vm.machine import GuestFailure
+
+        try:
+            answer = self.machine.request({"kind": "exec", "jit": self.jit, "executable": str(build.test_progs),
+                                           "args": ["-t", test], "cwd": str(build.directory), "timeout": 300},
+                                          timeout=360)
+        except GuestFailure as e:
+            raise GuestFailed(f"{self.name}: layer kernel: {e}\n--- guest console ---\n{e.console_tail}") from None
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: the guest could not run test_progs: {answer['error']['message']}")
+        run = answer["exec"]
+        output = run["stdout"] + run["stderr"]
+        return {"exit": run["returncode"], "verdicts": reference_verdicts(output), "output": output}
+
     def observe_case(self, case: Any, runs: Any) -> Result:  # noqa: ANN401 - generators.asm.VerifierCase
         if self.loader != "raw":
             raise NotImplementedError("verifier cases load through bpf() directly: they run under vm-raw")

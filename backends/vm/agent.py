@@ -327,7 +327,7 @@ def _exec(req: dict[str, Any]) -> dict[str, Any]:
 
     try:
         out = subprocess.run([req["executable"], *req.get("args", ())], capture_output=True, text=True,
-                             timeout=float(req.get("timeout", 60)))
+                             timeout=float(req.get("timeout", 60)), cwd=req.get("cwd"))
     except subprocess.TimeoutExpired:
         return {"returncode": None, "stdout": "", "stderr": f"timed out after {req.get('timeout', 60)}s"}
     return {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr[-4000:]}
