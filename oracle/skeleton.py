@@ -144,6 +144,11 @@ def predict_skeleton(model: ProgramModel, facts: ObjectFacts, profile: Profile, 
         doc["short_buffer"] = -EINVAL  # libbpf's validate_map_op: either flag wants exactly value_size
         doc["both_flags_kernel"] = -EINVAL  # bpf_map_check_op_flags (and ALL_CPUS is no lookup flag)
         doc["cpu_out_of_range"] = -ERANGE if kernel.bpf_f_cpu else -EINVAL
+        if s == plan.iterate_section:
+            # bpf_map_elem over a per-CPU array: one element, its buffer every possible CPU's value at stride
+            # round_up(value_size, 8) (the padding never written)
+            doc["iterator"] = {"attached": True, "elems": 1,
+                               "sum": sum(bytes.fromhex(v)[plan.iterate_offset] for v in per_cpu)}
         if s in plan.all_cpus:
             value = plan.all_cpus[s][:vs].ljust(vs, b"\0")
             doc["all_cpus_update"] = 0 if kernel.bpf_f_cpu else -EINVAL

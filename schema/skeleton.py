@@ -31,13 +31,18 @@ class SkeletonPlan:
     # a hand-made BPF_F_RDONLY_PROG percpu array (upstream's rdonly_direct_read/_write): filled with this value
     # by one BPF_F_ALL_CPUS update, frozen, then read and written by two direct-access programs
     rdonly: bytes | None = None
+    # upstream's iter subtest: a bpf_map_elem iterator over this section's map, after the runs, summing the byte
+    # at this offset of every possible CPU's value
+    iterate_section: str | None = None
+    iterate_offset: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"writes": {k: v.hex() for k, v in self.writes.items()}, "resize": dict(self.resize),
                 "load": self.load, "runs": [list(r) for r in self.runs],
                 "all_cpus": {k: v.hex() for k, v in self.all_cpus.items()},
                 "one_cpu": {k: [c, v.hex()] for k, (c, v) in self.one_cpu.items()},
-                "rdonly": self.rdonly.hex() if self.rdonly is not None else None}
+                "rdonly": self.rdonly.hex() if self.rdonly is not None else None,
+                "iterate": [self.iterate_section, self.iterate_offset] if self.iterate_section else None}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> SkeletonPlan:
@@ -45,7 +50,8 @@ class SkeletonPlan:
                    bool(doc.get("load", True)), tuple((str(p), int(c), int(n)) for p, c, n in doc.get("runs", ())),
                    {k: bytes.fromhex(v) for k, v in doc.get("all_cpus", {}).items()},
                    {k: (int(c), bytes.fromhex(v)) for k, (c, v) in doc.get("one_cpu", {}).items()},
-                   bytes.fromhex(doc["rdonly"]) if doc.get("rdonly") is not None else None)
+                   bytes.fromhex(doc["rdonly"]) if doc.get("rdonly") is not None else None,
+                   *((str(doc["iterate"][0]), int(doc["iterate"][1])) if doc.get("iterate") else (None, 0)))
 
 
 # Each reported field, and the layer whose mistake would show there first (schema.result.LAYERS): libbpf's and
@@ -78,6 +84,7 @@ SKELETON_FIELD_LAYERS: dict[str, str] = {
     "cpus_after_cpu_update": "runtime",
     "full_lookup": "runtime",
     "plain_map_cpu_flag": "runtime",
+    "iterator": "runtime",  # the kernel's bpf_map_elem buffer for a per-CPU map
     "rdonly": "runtime",  # the kernel's map operations on it
     "read_prog": "verifier",
     "write_prog": "verifier",

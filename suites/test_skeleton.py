@@ -57,13 +57,16 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
         sizes[target] = resize[target]
     load = all(resize[s] >= plain["maps"][s]["value_size"] for s in resize)  # a shrunk map may cut a variable
     cpu = data.draw(st.integers(0, backend.possible_cpus - 1), label="BPF_F_CPU update on")
+    iterated = data.draw(st.sampled_from(sorted(sizes)), label="iterated map") if sizes else None
+    summed = data.draw(st.integers(0, sizes[iterated] - 1), label="summed byte") if iterated else 0
     plan = SkeletonPlan(writes=writes, resize=resize, load=load, runs=tuple(runs_of(model)),
                         all_cpus={s: data.draw(st.binary(min_size=n, max_size=n), label=f"all cpus {s}")
                                   for s, n in sizes.items()},
                         one_cpu={s: (cpu, data.draw(st.binary(min_size=n, max_size=n), label=f"cpu {cpu} {s}"))
                                  for s, n in sizes.items()},
                         # upstream's percpu_ro_map holds one 8-byte value; its programs read 8 bytes at offset 0
-                        rdonly=data.draw(st.binary(min_size=8, max_size=64), label="read-only array value"))
+                        rdonly=data.draw(st.binary(min_size=8, max_size=64), label="read-only array value"),
+                        iterate_section=iterated, iterate_offset=summed)
     expected = predict_skeleton(model, compiled.facts, prof, plan, possible_cpus=backend.possible_cpus,
                                 online_cpus=list(backend.online_cpus))
     observed = backend.observe_skeleton(compiled, plan)

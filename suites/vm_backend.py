@@ -169,6 +169,13 @@ class VmBackend:
             parts.append(f"libbpf={self.libbpf_path}")
         return "vm:" + ",".join(parts)
 
+    def _clang(self) -> Any:  # noqa: ANN401 - toolchain.clang.Clang
+        from toolchain.clang import Clang
+
+        if self.clang is None:
+            self.clang = Clang.find(None)
+        return self.clang
+
     def _loader(self) -> registry.Loader:
         return "raw" if self.loader == "raw" else "libbpf"
 
@@ -254,7 +261,7 @@ class VmBackend:
         work = Path(tempfile.mkdtemp(prefix="percpu-skel-", dir=_pickles()))
         try:
             harness = build_harness(compiled.path, compiled.facts, plan, work, bpftool=self.target.bpftool,
-                                    include=include, libbpf=Path(self.libbpf_path))
+                                    include=include, libbpf=Path(self.libbpf_path), clang=self._clang().path)
         except HarnessError as e:  # an observation too: the header a user would compile does not build
             return {"harness": e.kind, "harness_message": str(e), "harness_dir": str(work),
                     "dumped_types_mismatch": bool(e.mismatched_types), "mismatched_types": e.mismatched_types}

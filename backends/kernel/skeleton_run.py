@@ -111,6 +111,47 @@ static int silent(enum libbpf_print_level level, const char *fmt, va_list ap)
 """
 
 
+# The iterator of upstream's iter subtest, over any per-CPU map: it sums one byte of every possible CPU's value,
+# read from the iterator's buffer at stride `stride` (round_up(value_size, 8), what the kernel fills it with).
+# Its context types are declared here with preserve_access_index; libbpf relocates them against the kernel's BTF.
+ITER_SOURCE = r"""
+typedef unsigned char __u8;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+#define SEC(name) __attribute__((section(name), used))
+
+struct bpf_iter_meta { void *seq; __u64 session_id; __u64 seq_num; } __attribute__((preserve_access_index));
+struct bpf_map;
+struct bpf_iter__bpf_map_elem {
+	struct bpf_iter_meta *meta;
+	struct bpf_map *map;
+	void *key;
+	void *value;
+} __attribute__((preserve_access_index));
+
+const volatile __u32 num_cpus = 1;
+const volatile __u32 off = 0;
+const volatile __u32 stride = 8;
+__u64 sum = 0;
+__u32 elems = 0;
+
+SEC("iter/bpf_map_elem")
+int sum_over_cpus(struct bpf_iter__bpf_map_elem *ctx)
+{
+	__u8 *value = ctx->value;
+
+	if (!value)
+		return 0;
+	elems++;
+	for (__u32 i = 0; i < num_cpus; i++)
+		sum += value[i * stride + off];
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
 @dataclass(frozen=True)
 class Harness:
     executable: Path
@@ -197,6 +238,8 @@ def _after_load_block(section: str, plan: SkeletonPlan, phase: str) -> list[str]
                 f"{flags_both}) ? -errno : 0);",
                 f'\t\tprintf(",\\"cpu_out_of_range\\":%d", bpf_map__lookup_elem(m, &key, 4, buf, vs, '
                 f"{BPF_F_CPU} | ((__u64){CPU_OUT_OF_RANGE} << 32)));"]
+        if section == plan.iterate_section:
+            out += _iter_block(plan.iterate_offset)
         if section in plan.all_cpus:
             value = plan.all_cpus[section]
             out += [f"\t\tunhex({_c_bytes(value)}, w, {len(value)});",
@@ -222,6 +265,7 @@ def harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, percpu: li
                   + [len(v) for _, v in plan.one_cpu.values()] + [8])
     # the UAPI numbers come from the suite's one owner: the system's linux/bpf.h may predate them
     lines = [_PRELUDE.replace("@BPF_F_CPU@", str(BPF_F_CPU)), '#include "types.h"', f'#include "{name}.skel.h"',
+             '#include "iter.skel.h"',
              "", "int main(void)", "{",
              f"\tstatic unsigned char w[{biggest}];", "\tint ncpu = libbpf_num_possible_cpus(), first_map = 1, err;",
              "\tlibbpf_set_print(silent);",
@@ -267,6 +311,26 @@ def harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, percpu: li
 
 def _insns(program: list[Insn]) -> str:
     return ", ".join(f"0x{b:02x}" for b in encode(program))
+
+
+def _iter_block(offset: int) -> list[str]:
+    """Upstream's iter subtest: the iterator's rodata set through its skeleton before load, attached to this
+    map, read to the end; its sum and the number of elements it saw."""
+    return ["\t\t{", "\t\t\tstruct iter *it = iter__open();", "\t\t\tint done = -1;",
+            "\t\t\tif (it) {", "\t\t\t\tit->rodata->num_cpus = ncpu;",
+            f"\t\t\t\tit->rodata->off = {offset};", "\t\t\t\tit->rodata->stride = (vs + 7) & ~7UL;",
+            "\t\t\t\tdone = iter__load(it);", "\t\t\t}",
+            "\t\t\tif (done == 0) {", "\t\t\t\tunion bpf_iter_link_info li;", "\t\t\t\tmemset(&li, 0, sizeof(li));",
+            "\t\t\t\tli.map.map_fd = bpf_map__fd(m);",
+            "\t\t\t\tLIBBPF_OPTS(bpf_iter_attach_opts, ao, .link_info = &li, .link_info_len = sizeof(li));",
+            "\t\t\t\tstruct bpf_link *link = bpf_program__attach_iter(it->progs.sum_over_cpus, &ao);",
+            "\t\t\t\tint ifd = link ? bpf_iter_create(bpf_link__fd(link)) : -1;", "\t\t\t\tchar sink[256];",
+            "\t\t\t\tif (ifd >= 0) { while (read(ifd, sink, sizeof(sink)) > 0) ; close(ifd); }",
+            '\t\t\t\tprintf(",\\"iterator\\":{\\"attached\\":%s,\\"sum\\":%llu,\\"elems\\":%u}", '
+            'ifd >= 0 ? "true" : "false", (unsigned long long)it->bss->sum, it->bss->elems);',
+            "\t\t\t\tbpf_link__destroy(link);", "\t\t\t} else {",
+            '\t\t\t\tprintf(",\\"iterator\\":{\\"attached\\":false,\\"load\\":%d}", done);', "\t\t\t}",
+            "\t\t\titer__destroy(it);", "\t\t}"]
 
 
 def _rdonly_block(value: bytes) -> list[str]:
@@ -349,7 +413,7 @@ def dumped_type_mismatches(facts: ObjectFacts, workdir: Path, cc: str = "gcc") -
 
 
 def build_harness(obj: Path, facts: ObjectFacts, plan: SkeletonPlan, workdir: Path, *, bpftool: Path,
-                  include: Path, libbpf: Path, cc: str = "gcc") -> Harness:
+                  include: Path, libbpf: Path, clang: str, cc: str = "gcc") -> Harness:
     """Generate the skeleton and the program, and compile it against `libbpf` (linked by path, run-path set)."""
     name = re.sub(r"[^A-Za-z0-9_]", "_", obj.name.split(".")[0]) or "obj"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +427,15 @@ def build_harness(obj: Path, facts: ObjectFacts, plan: SkeletonPlan, workdir: Pa
     if types.returncode != 0:
         raise HarnessError(f"bpftool btf dump: {types.stderr.strip() or f'exit {types.returncode}'}")
     (workdir / "types.h").write_text(types.stdout)
+    iter_obj = workdir / "iter.bpf.o"
+    iterator = _run([clang, "-g", "-O2", "-target", "bpf", "-c", "-x", "c", "-", "-o", str(iter_obj)], "clang",
+                    input=ITER_SOURCE)
+    if iterator.returncode != 0:
+        raise HarnessError(f"the iterator does not compile: {iterator.stderr.strip()[-300:]}", "compile_error")
+    gen_iter = _run([str(bpftool), "gen", "skeleton", str(iter_obj), "name", "iter"], "bpftool")
+    if gen_iter.returncode != 0:
+        raise HarnessError(f"bpftool gen skeleton (iterator): {gen_iter.stderr.strip()}")
+    (workdir / "iter.skel.h").write_text(gen_iter.stdout)
     sections = [s.name for s in facts.data_sections()]
     percpu = [s for s in sections if s == ".percpu" or s.startswith(".percpu.")]
     plain = next((s for s in sections if s in (".data", ".bss") and f"}} *{section_ident(s)};" in gen.stdout), None)
