@@ -133,6 +133,20 @@ def predict_skeleton(model: ProgramModel, facts: ObjectFacts, profile: Profile, 
     for s in percpu:
         maps[s].update({"skel_loaded": True, "initial_value_is_skel_loaded": True, "image_writable_loaded": False,
                         "cpus_loaded": machine.snapshot(s, sizes[s])})
+    if plan.light_object is not None:
+        # the light skeleton of the same layout on a fresh machine state: its loader writes the same images
+        light_state = predict_load(model, facts, profile, possible_cpus=possible_cpus, online_cpus=online_cpus,
+                                   initial_images=images)
+        light_machine = light_state.machine
+        assert light_machine is not None
+        light: dict[str, Any] = {"open": True, "load": 0, "maps": {}}
+        for s in percpu:
+            light["maps"][s] = {"cpus_loaded": light_machine.snapshot(s, sizes[s])}
+        light["runs"] = [{"program": e["program"], "cpu": e["cpu"], "retval": e["retval"]}
+                         for e in (run_entry(light_state, Run(p, c, n)) for p, c, n in plan.runs)]
+        for s in percpu:
+            light["maps"][s]["cpus_after_runs"] = light_machine.snapshot(s, sizes[s])
+        out["light"] = light
     out["runs"] = [{"program": e["program"], "cpu": e["cpu"], "retval": e["retval"]}
                    for e in (run_entry(state, Run(p, c, n)) for p, c, n in plan.runs)]
     for s in percpu:

@@ -35,6 +35,9 @@ class SkeletonPlan:
     # at this offset of every possible CPU's value
     iterate_section: str | None = None
     iterate_offset: int = 0
+    # upstream's lskel subtest: the same program with its raw_tp sections named (bpftool -L needs a tracepoint
+    # name), opened and loaded through `bpftool gen skeleton -L`; the writes above go through its struct
+    light_object: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"writes": {k: v.hex() for k, v in self.writes.items()}, "resize": dict(self.resize),
@@ -42,16 +45,20 @@ class SkeletonPlan:
                 "all_cpus": {k: v.hex() for k, v in self.all_cpus.items()},
                 "one_cpu": {k: [c, v.hex()] for k, (c, v) in self.one_cpu.items()},
                 "rdonly": self.rdonly.hex() if self.rdonly is not None else None,
-                "iterate": [self.iterate_section, self.iterate_offset] if self.iterate_section else None}
+                "iterate": [self.iterate_section, self.iterate_offset] if self.iterate_section else None,
+                "light_object": self.light_object}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> SkeletonPlan:
-        return cls({k: bytes.fromhex(v) for k, v in doc.get("writes", {}).items()}, dict(doc.get("resize", {})),
-                   bool(doc.get("load", True)), tuple((str(p), int(c), int(n)) for p, c, n in doc.get("runs", ())),
-                   {k: bytes.fromhex(v) for k, v in doc.get("all_cpus", {}).items()},
-                   {k: (int(c), bytes.fromhex(v)) for k, (c, v) in doc.get("one_cpu", {}).items()},
-                   bytes.fromhex(doc["rdonly"]) if doc.get("rdonly") is not None else None,
-                   *((str(doc["iterate"][0]), int(doc["iterate"][1])) if doc.get("iterate") else (None, 0)))
+        iterate = doc.get("iterate") or (None, 0)
+        return cls(writes={k: bytes.fromhex(v) for k, v in doc.get("writes", {}).items()},
+                   resize=dict(doc.get("resize", {})), load=bool(doc.get("load", True)),
+                   runs=tuple((str(p), int(c), int(n)) for p, c, n in doc.get("runs", ())),
+                   all_cpus={k: bytes.fromhex(v) for k, v in doc.get("all_cpus", {}).items()},
+                   one_cpu={k: (int(c), bytes.fromhex(v)) for k, (c, v) in doc.get("one_cpu", {}).items()},
+                   rdonly=bytes.fromhex(doc["rdonly"]) if doc.get("rdonly") is not None else None,
+                   iterate_section=iterate[0], iterate_offset=int(iterate[1]),
+                   light_object=doc.get("light_object"))
 
 
 # Each reported field, and the layer whose mistake would show there first (schema.result.LAYERS): libbpf's and
@@ -85,6 +92,7 @@ SKELETON_FIELD_LAYERS: dict[str, str] = {
     "full_lookup": "runtime",
     "plain_map_cpu_flag": "runtime",
     "iterator": "runtime",  # the kernel's bpf_map_elem buffer for a per-CPU map
+    "light": "loader",  # the light skeleton: gen_loader's blob, run by the kernel as a syscall program
     "rdonly": "runtime",  # the kernel's map operations on it
     "read_prog": "verifier",
     "write_prog": "verifier",

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 from generators.strategies import program_models
@@ -23,6 +23,7 @@ from oracle.skeleton import predict_skeleton
 from schema.skeleton import SkeletonPlan, compare_skeleton
 from suites import known
 from suites.support import backend_meta, compile_global, runs_of, valid_for_types, write_bundle
+from toolchain.clang import compile_c
 
 PAGE_SIZE = 4096
 
@@ -59,7 +60,13 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
     cpu = data.draw(st.integers(0, backend.possible_cpus - 1), label="BPF_F_CPU update on")
     iterated = data.draw(st.sampled_from(sorted(sizes)), label="iterated map") if sizes else None
     summed = data.draw(st.integers(0, sizes[iterated] - 1), label="summed byte") if iterated else 0
-    plan = SkeletonPlan(writes=writes, resize=resize, load=load, runs=tuple(runs_of(model)),
+    # upstream's lskel subtest, where a light skeleton can take the object: no resize (it has no
+    # set_value_size), and no extension or tail-call programs
+    light = None
+    if not resize and not model.has_tail_calls and not any(f.replaces for f in model.functions):
+        light = str(compile_c(clang, compiled.source.replace('SEC("raw_tp")', 'SEC("raw_tp/sys_enter")'),
+                              name=f"{model.name}_light"))
+    plan = SkeletonPlan(writes=writes, resize=resize, load=load, runs=tuple(runs_of(model)), light_object=light,
                         all_cpus={s: data.draw(st.binary(min_size=n, max_size=n), label=f"all cpus {s}")
                                   for s, n in sizes.items()},
                         one_cpu={s: (cpu, data.draw(st.binary(min_size=n, max_size=n), label=f"cpu {cpu} {s}"))
@@ -70,6 +77,11 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
     expected = predict_skeleton(model, compiled.facts, prof, plan, possible_cpus=backend.possible_cpus,
                                 online_cpus=list(backend.online_cpus))
     observed = backend.observe_skeleton(compiled, plan)
+    event(f"harness {observed.get('harness')}")
+    event(f"load {observed.get('load')}")
+    for what, asked in (("resize", resize), ("light skeleton", light), ("iterator", iterated)):
+        if asked:
+            event(what)
     cmp = compare_skeleton(expected, observed)
     triaged = known.triage(cmp, {**observed, "env": backend.env | {"profile": backend.profile}})
     known.record(triaged)

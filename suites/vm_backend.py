@@ -43,6 +43,7 @@ class VmTarget:
     bpftool_version: str | None = None
     cpus: int = 2
     maxcpus: int = 3
+    source: Path | None = None  # the stack's unpacked kernel tree (its UAPI headers, for the skeleton harness)
 
 
 def resolve_target(*, stack: str | None, kernel_image: Path | None, modules: Path | None, libbpf: Path | None,
@@ -56,7 +57,7 @@ def resolve_target(*, stack: str | None, kernel_image: Path | None, modules: Pat
     except StackUnavailable as e:
         raise Unavailable(f"vm backend: stack {stack or DEFAULT_STACK}: {e}") from None
     return VmTarget(paths.kernel_image, paths.modules, paths.libbpf, paths.bpftool, paths.release,
-                    stack or DEFAULT_STACK, paths.bpftool_version, cpus, maxcpus)
+                    stack or DEFAULT_STACK, paths.bpftool_version, cpus, maxcpus, paths.source)
 
 
 _MACHINES: dict[VmTarget, Any] = {}
@@ -261,7 +262,9 @@ class VmBackend:
         work = Path(tempfile.mkdtemp(prefix="percpu-skel-", dir=_pickles()))
         try:
             harness = build_harness(compiled.path, compiled.facts, plan, work, bpftool=self.target.bpftool,
-                                    include=include, libbpf=Path(self.libbpf_path), clang=self._clang().path)
+                                    include=include, libbpf=Path(self.libbpf_path), clang=self._clang().path,
+                                    uapi=self.target.source / "tools" / "include" / "uapi"
+                                    if self.target.source is not None else None)
         except HarnessError as e:  # an observation too: the header a user would compile does not build
             return {"harness": e.kind, "harness_message": str(e), "harness_dir": str(work),
                     "dumped_types_mismatch": bool(e.mismatched_types), "mismatched_types": e.mismatched_types}
@@ -278,7 +281,27 @@ class VmBackend:
         if run["returncode"] != 0:
             raise HarnessError(f"the skeleton harness exited {run['returncode']} in the guest: "
                                f"{run['stderr'].strip()[-300:]}")
-        return parse_report(run["stdout"])
+        report = parse_report(run["stdout"])
+        if harness.light is not None:
+            report["light"] = self._run_light(harness.light, compiled)
+        return report
+
+    def _run_light(self, light: Path, compiled: Compiled) -> dict[str, Any]:
+        from backends.kernel.skeleton_run import HarnessError, parse_light_report
+        from backends.vm.machine import GuestFailure
+
+        try:
+            answer = self.machine.request({"kind": "exec", "jit": self.jit, "executable": str(light)})
+        except GuestFailure as e:
+            raise self._guest_failed(str(e), e.console_tail, compiled) from None
+        if answer.get("kernel_log"):
+            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
+                                     "\n".join(answer["kernel_log"]), compiled)
+        run = answer.get("exec") or {}
+        if run.get("returncode") != 0:
+            raise HarnessError(f"the light-skeleton harness exited {run.get('returncode')} in the guest: "
+                               f"{run.get('stderr', '').strip()[-300:]}")
+        return parse_light_report(run["stdout"])
 
     def run_reference(self, build: Any, test: str) -> dict[str, Any]:  # noqa: ANN401 - stack.upstream.UpstreamBuild
         """Upstream's own test_progs -t TEST in the guest, with this column's JIT state: exit code, verdicts."""

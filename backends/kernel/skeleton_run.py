@@ -157,6 +157,7 @@ class Harness:
     executable: Path
     header: Path
     source: Path
+    light: Path | None = None  # the light-skeleton program, when the plan asks for one
 
 
 def _c_bytes(data: bytes) -> str:
@@ -413,7 +414,7 @@ def dumped_type_mismatches(facts: ObjectFacts, workdir: Path, cc: str = "gcc") -
 
 
 def build_harness(obj: Path, facts: ObjectFacts, plan: SkeletonPlan, workdir: Path, *, bpftool: Path,
-                  include: Path, libbpf: Path, clang: str, cc: str = "gcc") -> Harness:
+                  include: Path, libbpf: Path, clang: str, cc: str = "gcc", uapi: Path | None = None) -> Harness:
     """Generate the skeleton and the program, and compile it against `libbpf` (linked by path, run-path set)."""
     name = re.sub(r"[^A-Za-z0-9_]", "_", obj.name.split(".")[0]) or "obj"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -453,7 +454,98 @@ def build_harness(obj: Path, facts: ObjectFacts, plan: SkeletonPlan, workdir: Pa
         error = HarnessError(f"the skeleton harness does not compile: {first}", kind)
         error.mismatched_types = dumped_type_mismatches(facts, workdir, cc)
         raise error
-    return Harness(exe, header, source)
+    light = None
+    if plan.light_object is not None:
+        light = build_light_harness(plan, facts, workdir, bpftool=bpftool, include=include, libbpf=libbpf, cc=cc,
+                                    uapi=uapi)
+    return Harness(exe, header, source, light)
+
+
+def light_harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, percpu: list[str],
+                         programs: list[str]) -> str:
+    """Upstream's lskel subtest over this layout: open, write each exposed variable through the light
+    skeleton's struct, load (gen_loader: IDX_VALUE relocations, one BPF_F_ALL_CPUS update of the image), read
+    every possible CPU through the map fd, run, read again."""
+    lines = [_PRELUDE.replace("@BPF_F_CPU@", str(BPF_F_CPU)), '#include "types.h"', f'#include "{name}.lskel.h"', "",
+             "static void per_cpu_fd(int fd, size_t vs, int ncpu)", "{",
+             "\tunsigned char *buf = calloc(1, vs + 8);", "\tunsigned int key = 0;", "\tputchar('[');",
+             "\tfor (int cpu = 0; cpu < ncpu; cpu++) {",
+             f"\t\tint e = bpf_map_lookup_elem_flags(fd, &key, buf, {BPF_F_CPU} | ((__u64)cpu << 32)) ? -errno : 0;",
+             "\t\tif (cpu) putchar(',');", "\t\tif (e) printf(\"%d\", e); else hex(buf, vs);", "\t}",
+             "\tputchar(']');", "\tfree(buf);", "}", "", "int main(void)", "{",
+             f"\tstatic unsigned char w[{max([len(v) for v in plan.writes.values()] + [8])}];",
+             "\tint ncpu = libbpf_num_possible_cpus(), err;",
+             f"\tstruct {name} *skel = {name}__open();",
+             '\tprintf("{\\"open\\":%s", skel ? "true" : "false");',
+             '\tif (!skel) { printf("}\\n"); return 0; }']
+    for section in percpu:
+        ident = section_ident(section)
+        if section in plan.writes:
+            image = plan.writes[section]
+            lines.append(f"\tunhex({_c_bytes(image)}, w, {len(image)});")
+            for member, off, size in exposed_members(facts, section):
+                if off + size <= len(image):
+                    lines.append(f"\tmemcpy(&skel->{ident}->{member}, w + {off}, sizeof(skel->{ident}->{member}));")
+    lines += [f"\terr = {name}__load(skel);", '\tprintf(",\\"load\\":%d", err);',
+              f'\tif (err) {{ printf("}}\\n"); {name}__destroy(skel); return 0; }}', '\tprintf(",\\"maps\\":{");']
+    sizes = {s.name: s.size for s in facts.data_sections()}
+    for i, section in enumerate(percpu):
+        ident = section_ident(section)
+        lines += [f'\tprintf("{"," if i else ""}\\"{section}\\":{{\\"cpus_loaded\\":");',
+                  f"\tper_cpu_fd(skel->maps.{ident}.map_fd, {sizes[section]}, ncpu);", '\tprintf("}");']
+    lines += ['\tprintf("},\\"runs\\":[");']
+    for i, (prog, cpu, count) in enumerate(r for r in plan.runs if r[0] in programs):
+        lines += ["\t{", f"\t\tLIBBPF_OPTS(bpf_test_run_opts, o, .flags = BPF_F_TEST_RUN_ON_CPU, .cpu = {cpu});",
+                  f'\t\tprintf("{"," if i else ""}{{\\"program\\":\\"{prog}\\",\\"cpu\\":{cpu},\\"retval\\":[");',
+                  f"\t\tfor (int k = 0; k < {count}; k++) {{",
+                  f"\t\t\tint rc = bpf_prog_test_run_opts(skel->progs.{prog}.prog_fd, &o);",
+                  "\t\t\tif (k) putchar(',');", '\t\t\tif (rc) printf("%d", rc); else printf("%u", o.retval);',
+                  "\t\t}", '\t\tprintf("]}");', "\t}"]
+    lines += ['\tprintf("],\\"after\\":{");']
+    for i, section in enumerate(percpu):
+        ident = section_ident(section)
+        lines += [f'\tprintf("{"," if i else ""}\\"{section}\\":{{\\"cpus_after_runs\\":");',
+                  f"\tper_cpu_fd(skel->maps.{ident}.map_fd, {sizes[section]}, ncpu);", '\tprintf("}");']
+    lines += ['\tprintf("}}\\n");', f"\t{name}__destroy(skel);", "\treturn 0;", "}", ""]
+    return "\n".join(lines)
+
+
+def build_light_harness(plan: SkeletonPlan, facts: ObjectFacts, workdir: Path, *, bpftool: Path, include: Path,
+                        libbpf: Path, cc: str = "gcc", uapi: Path | None = None) -> Path:
+    """`bpftool gen skeleton -L` of the plan's light object (the same program with its raw_tp sections named:
+    bpftool crashes on a bare raw_tp, docs/findings.md#bpftool-lskel-bare-raw-tp) and its program."""
+    assert plan.light_object is not None
+    obj = Path(plan.light_object)
+    name = (re.sub(r"[^A-Za-z0-9_]", "_", obj.name.split(".")[0]) or "obj") + "_lskel"
+    gen = _run([str(bpftool), "gen", "skeleton", "-L", str(obj), "name", name], "bpftool")
+    if gen.returncode != 0:
+        raise HarnessError(f"bpftool gen skeleton -L: {gen.stderr.strip() or f'exit {gen.returncode}'}",
+                           "light_bpftool_failed")
+    (workdir / f"{name}.lskel.h").write_text(gen.stdout)
+    sections = [s.name for s in facts.data_sections()]
+    percpu = [s for s in sections if s == ".percpu" or s.startswith(".percpu.")]
+    programs = [f.name for f in facts.functions if f.is_program]
+    source = workdir / "light.c"
+    source.write_text(light_harness_source(name, facts, plan, percpu, programs))
+    exe = workdir / "light"
+    # skel_internal.h wants the UAPI of its own kernel (bpf_attr's newest fields), not the system's older one
+    uapi_dirs = ["-I", str(uapi)] if uapi is not None else []
+    comp = _run([cc, "-O1", "-w", "-I", str(workdir), "-I", str(include), *uapi_dirs, "-o", str(exe), str(source),
+                 str(libbpf), f"-Wl,-rpath,{libbpf.parent}", "-lelf", "-lz"], "C compiler")
+    if comp.returncode != 0:
+        first = next((ln for ln in comp.stderr.splitlines() if "error" in ln), comp.stderr.strip())
+        raise HarnessError(f"the light-skeleton harness does not compile: {first}", "light_compile_error")
+    return exe
+
+
+def parse_light_report(stdout: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise HarnessError(f"the light-skeleton harness printed no report: {stdout[-300:]!r}") from None
+    for section, fields in doc.pop("after", {}).items():
+        doc.setdefault("maps", {}).setdefault(section, {}).update(fields)
+    return dict(doc)
 
 
 def parse_report(stdout: str) -> dict[str, Any]:
