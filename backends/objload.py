@@ -383,7 +383,7 @@ def _parse_btf(facts: ObjectFacts, log: list[str]) -> Btf | None:
     if facts.btf_data is None:
         return None
     try:
-        return Btf.parse(facts.btf_data)
+        return facts.btf
     except BtfError as e:
         log.append(f"libbpf: Error loading ELF section .BTF: {e}. Ignored and continue.")
         return None

@@ -10,6 +10,7 @@ probes, through the same rule as the host kernel backend (`schema.profiles.profi
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import pickle
@@ -98,6 +99,8 @@ def _facts_pickle(obj: str | os.PathLike[str]) -> Path:
     facts = read_object(obj)
     out = _pickles() / f"{facts.sha256}.pickle"
     if not out.exists():
+        with contextlib.suppress(ValueError):  # parsed here, the BTF travels too (a bad one is the guest's to see)
+            _ = facts.btf
         tmp = out.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(facts))
         os.replace(tmp, out)

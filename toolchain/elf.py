@@ -18,6 +18,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
+from toolchain.btf import Btf
 from toolchain.insn import Insn, decode
 
 EM_BPF = 247
@@ -96,6 +97,11 @@ class ObjectFacts:
     symbols: list[Symbol]
     relocs: dict[str, list[Reloc]] = field(default_factory=dict)  # keyed by the section they patch
     btf_data: bytes | None = None
+
+    @cached_property
+    def btf(self) -> Btf | None:
+        """The parsed `.BTF`, once per object (read-only: fix-ups build new types); BtfError when malformed."""
+        return Btf.parse(self.btf_data) if self.btf_data is not None else None
 
     def section(self, name: str) -> Section | None:
         return next((s for s in self.sections if s.name == name), None)
@@ -176,7 +182,10 @@ def remember(path: str | Path, facts: ObjectFacts) -> None:
     st = path.stat()
     if hashlib.sha256(path.read_bytes()).hexdigest() != facts.sha256:
         raise ObjectError(f"{path}: the facts handed over are of another object")
-    _CACHE[_key(path, st)] = replace(facts, path=path)
+    mine = replace(facts, path=path)
+    if "btf" in facts.__dict__:  # a parse the host already made travels with the facts
+        mine.__dict__["btf"] = facts.__dict__["btf"]
+    _CACHE[_key(path, st)] = mine
 
 
 def _key(path: Path, st: os.stat_result) -> tuple[str, int, int, int]:

@@ -607,8 +607,8 @@ def _observe_one(session: LibbpfSession | RawSession, runs: Sequence[Run]) -> No
 
 def _fixed_btf(facts: ObjectFacts, prepared: objload.PreparedObject) -> Btf:
     """The object's BTF after libbpf's DATASEC fix-up (section sizes, variable offsets), as objload computes it."""
-    assert facts.btf_data is not None
-    btf = Btf.parse(facts.btf_data)
+    btf = facts.btf
+    assert btf is not None
     sizes = {sec.name: sec.size for sec in facts.sections if sec.name in btf.datasecs()}
     sizes.update({m.section: m.value_size for m in prepared.maps if m.internal and m.section is not None})
 

@@ -423,6 +423,16 @@ def _take_offline(keep: int) -> None:
                 f.write("0")
 
 
+def _preload() -> None:
+    """Import what every request needs before answering the first, so each forked worker inherits it: under
+    emulation the imports take about ten seconds, which the first observation paid. Imports only: nothing that
+    probes the kernel or loads libbpf, whose answers depend on the JIT state a worker is forked for."""
+    import backends.kernel.objectset  # noqa: F401
+    import backends.kernel.observe  # noqa: F401
+    import generators.model  # noqa: F401
+    import suites.verifier_backends  # noqa: F401
+
+
 def serve(directory: Path, online: int | None = None) -> int:
     from backends.kernel import probes
 
@@ -430,6 +440,7 @@ def serve(directory: Path, online: int | None = None) -> int:
     default_jit = probes.jit_enabled() is not False
     if online is not None:
         _take_offline(online)
+    _preload()
     kmsg = KernelLog()
     guest = _guest_facts()
     _say(f"kernel {guest['kernel_release']}, serving {directory}")
