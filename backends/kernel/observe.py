@@ -237,20 +237,10 @@ def _license(facts: ObjectFacts) -> str:
     return sec.data.split(b"\0", 1)[0].decode(errors="replace") if sec is not None and sec.data else "GPL"
 
 
-@functools.lru_cache(maxsize=64)
-def _read_cached(path: str, _stamp: tuple[int, int, int]) -> ObjectFacts:
-    return read_object(path)
-
-
 def object_facts(obj_path: str | os.PathLike[str]) -> ObjectFacts:
-    """The object's facts; parsing dominates an observation, so a file unchanged since its last read (same inode,
-    size and mtime) is parsed once."""
-    path = os.path.abspath(obj_path)  # not realpath: an lstat per component costs milliseconds over 9p
-    try:
-        st = os.stat(path)
-    except OSError:
-        return read_object(obj_path)  # raises ObjectError with the reason
-    return _read_cached(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+    """The object's facts; parsing dominates an observation, so toolchain.elf keeps a file unchanged since its
+    last read (same inode, size and mtime) parsed: one stat per observation, which over the vm's 9p matters."""
+    return read_object(obj_path)
 
 
 def base_result(obj_path: str | os.PathLike[str], facts: ObjectFacts, env: dict[str, Any], loader: str) -> Result:

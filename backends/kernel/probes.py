@@ -7,6 +7,7 @@ reported as None by `probe_all`, never guessed.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -35,8 +36,14 @@ def _read_cpulist(name: str) -> list[int]:
 
 
 def possible_cpus() -> list[int]:
-    """CPU ids the kernel may ever bring up: per-CPU map values have one slot for each of these."""
-    return _read_cpulist("possible")
+    """CPU ids the kernel may ever bring up: per-CPU map values have one slot for each of these. Fixed at boot,
+    so read once."""
+    return list(_possible())
+
+
+@functools.cache
+def _possible() -> tuple[int, ...]:
+    return tuple(_read_cpulist("possible"))
 
 
 def online_cpus() -> list[int]:
