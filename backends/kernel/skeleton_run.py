@@ -183,6 +183,15 @@ def exposed_members(facts: ObjectFacts, section: str) -> list[tuple[str, int, in
     return out
 
 
+def _member_writes(facts: ObjectFacts, section: str, image: bytes, pointer: str, indent: str) -> list[str]:
+    """Each exposed variable written from its own bytes of `image`, through the struct member `pointer` has."""
+    lines = [f"{indent}unhex({_c_bytes(image)}, w, {len(image)});"]
+    for member, off, size in exposed_members(facts, section):
+        if off + size <= len(image):
+            lines.append(f"{indent}memcpy(&{pointer}->{member}, w + {off}, sizeof({pointer}->{member}));")
+    return lines
+
+
 def _map_block(name: str, section: str, facts: ObjectFacts, plan: SkeletonPlan) -> list[str]:
     ident = section_ident(section)
     m, p = f"skel->maps.{ident}", f"skel->{ident}"
@@ -199,11 +208,7 @@ def _map_block(name: str, section: str, facts: ObjectFacts, plan: SkeletonPlan) 
               f'\t\t\tprintf(",\\"set_initial_value_sizeof\\":%d", bpf_map__set_initial_value(m, copy, '
               f"sizeof(*{p})));", "\t\t\tfree(copy);", "\t\t}"]
     if section in plan.writes:
-        image = plan.writes[section]
-        lines.append(f"\t\tunhex({_c_bytes(image)}, w, {len(image)});")
-        for member, off, size in exposed_members(facts, section):
-            if off + size <= len(image):
-                lines.append(f"\t\tmemcpy(&{p}->{member}, w + {off}, sizeof({p}->{member}));")
+        lines += _member_writes(facts, section, plan.writes[section], p, "\t\t")
     if section in plan.resize:
         size = plan.resize[section]
         lines += ["\t\t{", f"\t\t\tint rc = bpf_map__set_value_size(m, {size});",
@@ -481,11 +486,7 @@ def light_harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, perc
     for section in percpu:
         ident = section_ident(section)
         if section in plan.writes:
-            image = plan.writes[section]
-            lines.append(f"\tunhex({_c_bytes(image)}, w, {len(image)});")
-            for member, off, size in exposed_members(facts, section):
-                if off + size <= len(image):
-                    lines.append(f"\tmemcpy(&skel->{ident}->{member}, w + {off}, sizeof(skel->{ident}->{member}));")
+            lines += _member_writes(facts, section, plan.writes[section], f"skel->{ident}", "\t")
     lines += [f"\terr = {name}__load(skel);", '\tprintf(",\\"load\\":%d", err);',
               f'\tif (err) {{ printf("}}\\n"); {name}__destroy(skel); return 0; }}', '\tprintf(",\\"maps\\":{");']
     sizes = {s.name: s.size for s in facts.data_sections()}
