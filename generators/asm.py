@@ -18,6 +18,9 @@ BPF_FUNC_get_smp_processor_id = 8
 BPF_FUNC_snprintf = 165
 BPF_FUNC_strncmp = 182
 SIZES = {1: I.BPF_B, 2: I.BPF_H, 4: I.BPF_W, 8: I.BPF_DW}
+# The per-CPU address case of the JIT check: one 1-entry PERCPU_ARRAY of this many bytes, whose value's address
+# is loaded into a register (backends.kernel.jited observes it, oracle.jited predicts it)
+PERCPU_ADDR_VALUE_SIZE = 64
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.kernel.jited import PERCPU_ADDR_VALUE_SIZE, X86_REG_OF_BPF
-from generators.asm import MapShape, VerifierCase
+from generators.asm import PERCPU_ADDR_VALUE_SIZE, MapShape, VerifierCase
 from oracle.profiles import KernelAxis
 from oracle.verifier import predict_case
+
+# The x86-64 JIT's register assignment for BPF r0-r9 (arch/x86/net/bpf_jit_comp.c, reg2hex): the oracle's own
+# knowledge of where the JIT puts each register; the decoder reports x86 names only.
+X86_REG_OF_BPF = ("rax", "rdi", "rsi", "rdx", "rcx", "r8", "rbx", "r13", "r14", "r15")
 
 
 def predict_percpu_addr_jit(register: int, offset: int, kernel: KernelAxis,

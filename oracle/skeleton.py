@@ -21,7 +21,7 @@ from generators.ctype import Array, CType, Record, round_up
 from generators.model import ProgramModel, Run
 from oracle.predict import _image, predict_load, run_entry, section_kind
 from oracle.profiles import BPF_F_MMAPABLE, EINVAL, Profile
-from schema.skeleton import SkeletonPlan
+from schema.skeleton import CONST_STRING_PROGRAMS, SkeletonPlan
 from toolchain.elf import ObjectFacts
 
 ERANGE = 34
@@ -180,6 +180,11 @@ def predict_skeleton(model: ProgramModel, facts: ObjectFacts, profile: Profile, 
         doc["full_lookup"] = "".join(v + "00" * (round_up(vs, 8) - vs) for v in per_cpu)
     if plan.rdonly is not None:
         out.update(_rdonly(plan.rdonly, kernel.bpf_f_cpu, kernel.percpu_direct_value, possible_cpus))
+    if plan.const_strings is not None:
+        # check_reg_const_str: a per-CPU map value is no const string, whatever the helper (R3 in both)
+        refused = -EACCES if kernel.const_str_percpu_first else -EINVAL
+        out["const_strings"] = {p: {"open": True, "load": refused, "message_class": "const_str_percpu"}
+                                for p in CONST_STRING_PROGRAMS}
     plain = next((s for s in sections if s in (".data", ".bss") and s in entries
                   and entries[s]["flags"] & BPF_F_MMAPABLE), None)
     if plain is not None:

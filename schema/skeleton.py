@@ -16,6 +16,9 @@ from typing import Any
 from schema.result import Comparison, Divergence
 
 CPU_OUT_OF_RANGE = 1 << 20  # a CPU number no kernel has (>= nr_cpu_ids): ERANGE from bpf_map_check_op_flags
+# upstream's verifier_log subtest: a `.percpu.fmt` string handed to bpf_snprintf and to bpf_strncmp, each in a
+# `?kprobe` program (not loaded unless asked); corpus/const_strings.py holds the object's source
+CONST_STRING_PROGRAMS = ("fmt_snprintf", "fmt_strncmp")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class SkeletonPlan:
     # upstream's lskel subtest: the same program with its raw_tp sections named (bpftool -L needs a tracepoint
     # name), opened and loaded through `bpftool gen skeleton -L`; the writes above go through its struct
     light_object: str | None = None
+    const_strings: str | None = None  # the compiled corpus.const_strings object, each program loaded on purpose
 
     def to_json(self) -> dict[str, Any]:
         return {"writes": {k: v.hex() for k, v in self.writes.items()}, "resize": dict(self.resize),
@@ -46,7 +50,7 @@ class SkeletonPlan:
                 "one_cpu": {k: [c, v.hex()] for k, (c, v) in self.one_cpu.items()},
                 "rdonly": self.rdonly.hex() if self.rdonly is not None else None,
                 "iterate": [self.iterate_section, self.iterate_offset] if self.iterate_section else None,
-                "light_object": self.light_object}
+                "light_object": self.light_object, "const_strings": self.const_strings}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> SkeletonPlan:
@@ -58,7 +62,7 @@ class SkeletonPlan:
                    one_cpu={k: (int(c), bytes.fromhex(v)) for k, (c, v) in doc.get("one_cpu", {}).items()},
                    rdonly=bytes.fromhex(doc["rdonly"]) if doc.get("rdonly") is not None else None,
                    iterate_section=iterate[0], iterate_offset=int(iterate[1]),
-                   light_object=doc.get("light_object"))
+                   light_object=doc.get("light_object"), const_strings=doc.get("const_strings"))
 
 
 # Each reported field, and the layer whose mistake would show there first (schema.result.LAYERS): libbpf's and
@@ -93,6 +97,7 @@ SKELETON_FIELD_LAYERS: dict[str, str] = {
     "plain_map_cpu_flag": "runtime",
     "iterator": "runtime",  # the kernel's bpf_map_elem buffer for a per-CPU map
     "light": "loader",  # the light skeleton: gen_loader's blob, run by the kernel as a syscall program
+    "const_strings": "verifier",
     "rdonly": "runtime",  # the kernel's map operations on it
     "read_prog": "verifier",
     "write_prog": "verifier",

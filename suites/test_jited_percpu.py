@@ -11,7 +11,7 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from backends.kernel.jited import PERCPU_ADDR_VALUE_SIZE
+from generators.asm import PERCPU_ADDR_VALUE_SIZE
 from oracle.jited import predict_percpu_addr_jit
 from suites.support import failures_dir
 

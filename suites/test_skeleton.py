@@ -16,6 +16,7 @@ import pytest
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
+from corpus.const_strings import SOURCE as const_strings_source
 from generators.strategies import program_models
 from oracle.predict import section_kind
 from oracle.profiles import profile
@@ -66,7 +67,9 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
     if not resize and not model.has_tail_calls and not any(f.replaces for f in model.functions):
         light = str(compile_c(clang, compiled.source.replace('SEC("raw_tp")', 'SEC("raw_tp/sys_enter")'),
                               name=f"{model.name}_light"))
+    const_strings = str(compile_c(clang, const_strings_source, name="const_strings"))
     plan = SkeletonPlan(writes=writes, resize=resize, load=load, runs=tuple(runs_of(model)), light_object=light,
+                        const_strings=const_strings,
                         all_cpus={s: data.draw(st.binary(min_size=n, max_size=n), label=f"all cpus {s}")
                                   for s, n in sizes.items()},
                         one_cpu={s: (cpu, data.draw(st.binary(min_size=n, max_size=n), label=f"cpu {cpu} {s}"))

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from backends.kernel import bpf, probes
-from backends.kernel.jited import X86_REG_OF_BPF, find_gs_adds, observe_percpu_addr_jit, percpu_add_regs
-from oracle.jited import predict_percpu_addr_jit
+from backends.kernel.jited import find_gs_adds, observe_percpu_addr_jit, percpu_add_regs
+from oracle.jited import X86_REG_OF_BPF, predict_percpu_addr_jit
 from oracle.profiles import kernel_axis
 from toolchain import insn as I
 

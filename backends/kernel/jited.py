@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from generators.asm import PERCPU_ADDR_VALUE_SIZE
+
 # x86-64 general-purpose registers by their 4-bit encoding (REX bit : 3-bit field), 64-bit names
 X86_REG_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-
-# The x86-64 JIT's register assignment for BPF r0-r9 (arch/x86/net/bpf_jit_comp.c, reg2hex and
-# reg2pt_regs): what the JIT is expected to do, read by the oracle; the decoder reports x86 names only.
-X86_REG_OF_BPF = ("rax", "rdi", "rsi", "rdx", "rcx", "r8", "rbx", "r13", "r14", "r15")
 
 GS_PREFIX = 0x65
 REX_W = 0x48  # 0100 W=1 R X B
@@ -27,8 +25,6 @@ REX_R, REX_X = 0x4, 0x2
 OPCODE_ADD_R64_RM64 = 0x03
 SIB_DISP32_NO_INDEX = 0x25  # scale 0, index 100 (none), base 101 with mod 00: disp32 absolute
 
-# The map value the case loads the address of: one 1-entry PERCPU_ARRAY of this many bytes.
-PERCPU_ADDR_VALUE_SIZE = 64
 
 
 @dataclass(frozen=True)

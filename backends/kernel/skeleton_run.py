@@ -20,7 +20,8 @@ from typing import Any
 
 from backends.kernel.observe import BackendUnavailable
 from backends.kernel.skeleton import section_ident
-from schema.skeleton import CPU_OUT_OF_RANGE, SkeletonPlan
+from schema.messages import classify
+from schema.skeleton import CONST_STRING_PROGRAMS, CPU_OUT_OF_RANGE, SkeletonPlan
 from toolchain import insn as I
 from toolchain.btf import Btf
 from toolchain.elf import ObjectFacts
@@ -72,6 +73,20 @@ static void hex(const void *p, size_t n)
 	putchar('"');
 	for (size_t i = 0; i < n; i++)
 		printf("%02x", b[i]);
+	putchar('"');
+}
+
+static void jstr(const char *s)
+{
+	putchar('"');
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			printf("\\%c", *s);
+		else if ((unsigned char)*s < 0x20)
+			printf("\\u%04x", *s);
+		else
+			putchar(*s);
+	}
 	putchar('"');
 }
 
@@ -311,6 +326,8 @@ def harness_source(name: str, facts: ObjectFacts, plan: SkeletonPlan, percpu: li
                   f"skel->maps.{ident}), &key, buf, {BPF_F_CPU}) ? -errno : 0);", "\t\tfree(buf);", "\t}"]
     if plan.rdonly is not None:
         lines += _rdonly_block(plan.rdonly)
+    if plan.const_strings is not None:
+        lines += _const_string_block(plan.const_strings, CONST_STRING_PROGRAMS)
     lines += ['\tprintf("}\\n");', f"\t{name}__destroy(skel);", "\treturn 0;", "}", ""]
     return "\n".join(lines)
 
@@ -337,6 +354,25 @@ def _iter_block(offset: int) -> list[str]:
             "\t\t\t\tbpf_link__destroy(link);", "\t\t\t} else {",
             '\t\t\t\tprintf(",\\"iterator\\":{\\"attached\\":false,\\"load\\":%d}", done);', "\t\t\t}",
             "\t\t\titer__destroy(it);", "\t\t}"]
+
+
+def _const_string_block(obj: str, programs: tuple[str, ...]) -> list[str]:
+    """Upstream's verifier_log subtest through libbpf: each `?` program of the const-string object loaded on
+    purpose, alone, with its verifier log."""
+    out = ['\tprintf(",\\"const_strings\\":{");']
+    for i, prog in enumerate(programs):
+        out += ["\t{", f'\t\tstruct bpf_object *o = bpf_object__open_file("{obj}", NULL);',
+                "\t\tstatic char log[65536];", "\t\tint e = -1;", "\t\tlog[0] = 0;", "\t\tif (o) {",
+                "\t\t\tstruct bpf_program *p;",
+                "\t\t\tbpf_object__for_each_program(p, o)",
+                f'\t\t\t\tbpf_program__set_autoload(p, strcmp(bpf_program__name(p), "{prog}") == 0);',
+                f'\t\t\tp = bpf_object__find_program_by_name(o, "{prog}");',
+                "\t\t\tbpf_program__set_log_buf(p, log, sizeof(log));", "\t\t\tbpf_program__set_log_level(p, 1);",
+                "\t\t\te = bpf_object__load(o);", "\t\t}",
+                f'\t\tprintf("{"," if i else ""}\\"{prog}\\":{{\\"open\\":%s,\\"load\\":%d,\\"log\\":", '
+                'o ? "true" : "false", e);',
+                "\t\tjstr(log);", '\t\tprintf("}");', "\t\tbpf_object__close(o);", "\t}"]
+    return [*out, '\tprintf("}");']
 
 
 def _rdonly_block(value: bytes) -> list[str]:
@@ -559,6 +595,10 @@ def parse_report(stdout: str) -> dict[str, Any]:
     for phase in ("loaded", "after"):
         for section, fields in doc.pop(phase, {}).items():
             maps.setdefault(section, {}).update(fields)
+    for prog, run in doc.get("const_strings", {}).items():
+        log = run.pop("log", "")
+        run["message_class"] = classify(log.splitlines(), -int(run["load"])) if run["load"] else None
+        doc["const_strings"][prog] = run
     doc["harness"] = "compiles"
     return dict(doc)
 
