@@ -209,10 +209,19 @@ def internal_map_name(obj_name: str, section: str, *, percpu: bool = False) -> s
     return sanitize_map_name(obj_name[:pfx_len] + section[:sfx_len])
 
 
-def reused_map_name(own: str, source_kernel_name: str) -> str:
+def map_uses_real_name(spec: MapSpec) -> bool:
+    """libbpf's map_uses_real_name: bpf_map__name is the section name for a custom `.data.*`/`.rodata.*` map and,
+    in merged libbpf, a per-CPU one, whatever bpf_map__reuse_fd later does to the map's other name. Read from
+    the profile's own naming: such a map is named after its section."""
+    return spec.internal and spec.section is not None and spec.name == spec.section
+
+
+def reused_map_name(own: str, source_kernel_name: str, *, uses_real_name: bool = False) -> str:
     """bpf_map__name after bpf_map__reuse_fd (docs/object-sets.md rule 2): the kernel's name for the map, unless
     that is a full-length (15-character) prefix of the map's own name, which then stays [V: libbpf "Fix the name
-    of a reused map", in 1.1.2 as in later releases]."""
+    of a reused map", in 1.1.2 as in later releases]; a map that uses its real name keeps it (audit §A10)."""
+    if uses_real_name:
+        return own
     if len(source_kernel_name) == BPF_OBJ_NAME_LEN - 1 and own.startswith(source_kernel_name):
         return own
     return source_kernel_name

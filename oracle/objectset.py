@@ -18,9 +18,13 @@ from toolchain.elf import ObjectFacts
 from toolchain.uapi import BPF_OBJ_NAME_LEN  # noqa: E402
 
 
-def reused_map_name(own: str, source_kernel_name: str) -> str:
+def reused_map_name(own: str, source_kernel_name: str, *, keeps_section_name: bool = False) -> str:
     """libbpf's bpf_map__reuse_fd: the map takes the kernel's name for it, unless that is a full-length
-    (15-character) prefix of its own name, which it keeps [V: libbpf "Fix the name of a reused map"]."""
+    (15-character) prefix of its own name, which it keeps [V: libbpf "Fix the name of a reused map"]. A per-CPU
+    map, and a custom .data.*/.rodata.* one, answers bpf_map__name with its section name whatever the reuse
+    did (audit §A10, libbpf's map_uses_real_name). A deliberate second implementation of objload's rule."""
+    if keeps_section_name:
+        return own
     if len(source_kernel_name) == BPF_OBJ_NAME_LEN - 1 and own.startswith(source_kernel_name):
         return own
     return source_kernel_name
@@ -93,7 +97,10 @@ def _apply_reuse(model: ObjectSet, obj: str, state: Loaded, states: list[Loaded 
             state.result["maps"] = [dict(m, created=False) for m in state.result["maps"]]
             return False
         own = next(m for m in state.result["maps"] if m["section"] == reuse.section)
-        own.update(name=reused_map_name(own["name"], src_map["kernel_name"]), kernel_name=src_map["kernel_name"],
+        # a map this libbpf names after its section uses its real name (custom data sections; merged per-CPU)
+        keeps = own["section"] is not None and own["name"] == own["section"]
+        own.update(name=reused_map_name(own["name"], src_map["kernel_name"], keeps_section_name=keeps),
+                   kernel_name=src_map["kernel_name"],
                    type=src_map["type"], key_size=src_map["key_size"], value_size=src_map["value_size"],
                    max_entries=src_map["max_entries"], flags=src_map["flags"], created=state.readable)
         # the same kernel map: one set of per-CPU images, the reusing object's image never written

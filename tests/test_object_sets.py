@@ -44,6 +44,16 @@ def test_generated_sets_round_trip_and_keep_their_invariants(model):
             assert model.owner(ext.replaces.program) is model.objects[0]
 
 
+def test_a_reused_map_that_uses_its_real_name_keeps_it():
+    """audit §A10: a per-CPU or custom-section map answers bpf_map__name with its section name after a reuse
+    from another section, and the loader model agrees with the oracle."""
+    from backends.objload import reused_map_name as loader_rule
+
+    assert reused_map_name(".percpu.b", ".percpu.a", keeps_section_name=True) == ".percpu.b"
+    assert loader_rule(".percpu.b", ".percpu.a", uses_real_name=True) == ".percpu.b"
+    assert reused_map_name("obj.data", "src.data") == loader_rule("obj.data", "src.data") == "src.data"
+
+
 def test_reused_map_name_follows_libbpf():
     assert reused_map_name(".percpu", ".percpu") == ".percpu"
     assert reused_map_name("second.data", "first.data") == "first.data"

@@ -689,7 +689,9 @@ class RawSession(_Session):
         self.specs[index] = dataclasses.replace(
             spec, kernel_name=info.name, type=info.type, key_size=info.key_size, value_size=info.value_size,
             max_entries=info.max_entries, flags=info.map_flags, initial=None, freeze=False)
-        self.entries[index].update(name=objload.reused_map_name(spec.name, info.name), kernel_name=info.name,
+        self.entries[index].update(name=objload.reused_map_name(spec.name, info.name,
+                                                                uses_real_name=objload.map_uses_real_name(spec)),
+                                   kernel_name=info.name,
                                    type=_type_name(info.type), key_size=info.key_size, value_size=info.value_size,
                                    max_entries=info.max_entries, flags=info.map_flags)
         self.reused[index] = fd

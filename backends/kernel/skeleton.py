@@ -159,14 +159,13 @@ def check_skeleton(obj_path: str | os.PathLike[str], *, bpftool: str = "bpftool"
 
 
 def layout_mismatches(report: SkeletonReport, facts: ObjectFacts) -> list[str]:
-    """Where the skeleton's structs disagree with the object: section size, or a variable's offset."""
+    """Where the skeleton's structs disagree with the object: a variable's offset. Not the size: bpftool's
+    struct ends with its last non-static member, rounded up to the members' alignment, so `sizeof` may be above
+    or below the section size (audit §C; oracle.skeleton.struct_size predicts it and test_skeleton.py checks)."""
     problems = []
     for section, st in report.by_section().items():
-        sec = facts.section(section)
-        if sec is None:
+        if facts.section(section) is None:
             continue
-        if st.size != sec.size:
-            problems.append(f"{section}: sizeof(struct {st.struct}) = {st.size}, section size {sec.size}")
         for sym in facts.variables_in(section):
             if sym.name not in st.members:
                 problems.append(f"{section}: variable {sym.name} missing from struct {st.struct}")

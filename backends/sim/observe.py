@@ -25,6 +25,7 @@ from backends.objload import (
     OpenFailure,
     PreparedObject,
     ProgSpec,
+    map_uses_real_name,
     object_name,
     prepare,
     programs_in_load_order,
@@ -150,7 +151,8 @@ class _Load:
         load neither creates it nor writes its image."""
         own = self.prepared.maps[index]
         self.prepared.maps[index] = dataclasses.replace(
-            own, name=reused_map_name(own.name, source.kernel_name), kernel_name=source.kernel_name,
+            own, name=reused_map_name(own.name, source.kernel_name, uses_real_name=map_uses_real_name(own)),
+            kernel_name=source.kernel_name,
             type=source.type, key_size=source.key_size, value_size=source.value_size,
             max_entries=source.max_entries, flags=source.flags)
         self.reused[index] = fd
