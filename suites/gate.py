@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="new models the shrinking search may observe on both configurations (0: no search)")
     parser.add_argument("--shrink-seconds", type=float, default=180,
                         help="wall-clock bound of the shrinking search")
+    parser.add_argument("--skeleton-examples", type=int, default=3,
+                        help="sample models whose skeleton life cycle is compared too (libbpf configurations)")
     parser.add_argument("--out", type=Path, default=Path("reports/gate"))
     parser.add_argument("--clang")
     parser.add_argument("--replay", type=Path, metavar="BUNDLE", help="re-run a gate bundle on its configurations")
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     from suites.sets import compile_set, sample_sets, set_plan
     from toolchain.clang import Clang, ToolchainError
 
-    if min(args.examples, args.set_examples, args.shrink_examples, args.shrink_seconds) < 0:
-        print("gate: --examples, --set-examples, --shrink-examples and --shrink-seconds take 0 or more",
+    if min(args.examples, args.set_examples, args.shrink_examples, args.shrink_seconds, args.skeleton_examples) < 0:
+        print("gate: --examples, --set-examples, --skeleton-examples, --shrink-examples and --shrink-seconds take "
+              "0 or more",
               file=sys.stderr)
         return EXIT_USAGE
     defaults = {"clang": args.clang} if args.clang else {}
@@ -300,7 +303,18 @@ def main(argv: list[str] | None = None) -> int:
             differing.append((case, cmp))
             fields.update(_generic(d.field) for d in cmp.divergences)
             layers.update({d.layer for d in cmp.divergences})
-    ncases = len(cases) + len(set_cases)
+    skeleton_cases = 0
+    if all(getattr(b, "loader", None) == "libbpf" and hasattr(b, "observe_skeleton") for b in (base, cand)):
+        for case, model, resize in _skeleton_cases(cases, args.skeleton_examples):
+            skel = _skeleton_pair(clang, base, cand, model, resize)
+            if skel is None:
+                continue
+            skeleton_cases += 1
+            if not skel.ok:
+                differing.append((case, skel))
+                fields.update(_generic(d.field) for d in skel.divergences)
+                layers.update({d.layer for d in skel.divergences})
+    ncases = len(cases) + len(set_cases) + skeleton_cases
     with open(args.out / "facts.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -347,6 +361,36 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))
     return 1 if differing else 0
+
+
+def _skeleton_cases(cases: list[tuple[str, ProgramModel]], n: int) -> list[tuple[str, ProgramModel, bool]]:
+    """The skeleton life cycle on the corpus (with upstream's PAGE_SIZE resize) and the first n sample models."""
+    return [(f"skeleton:{case}", model, case.startswith("corpus:")) for case, model in cases[:1 + n]]
+
+
+# the harness's own paths and texts: not facts of either configuration
+_SKELETON_LOCAL = ("harness_dir", "harness_message", "mismatched_types")
+
+
+def _skeleton_pair(clang: Clang, base: Backend, cand: Backend, model: ProgramModel, resize: bool) -> Comparison | None:
+    """One fixed plan on both configurations, compared field by field (schema.skeleton); None without a
+    per-CPU section."""
+    from schema.skeleton import compare_skeleton
+    from suites.skeleton_plans import fixed_plan
+    from suites.support import compile_global
+
+    compiled = compile_global(clang, model)
+    sizes = {s.name: s.size for s in compiled.facts.data_sections()
+             if s.name == ".percpu" or s.name.startswith(".percpu.")}
+    if not sizes:
+        return None
+    plan = fixed_plan(clang, model, compiled, sizes, resize)
+    reports = [{k: v for k, v in b.observe_skeleton(compiled, plan).items()  # type: ignore[attr-defined]
+                if k not in _SKELETON_LOCAL} for b in (base, cand)]
+    cmp = compare_skeleton(reports[0], reports[1])
+    for d in cmp.divergences:
+        d.field = f"skeleton.{d.field}"
+    return cmp
 
 
 def _generic(field: str) -> str:

@@ -16,17 +16,13 @@ import pytest
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from corpus.const_strings import SOURCE as const_strings_source
 from generators.strategies import program_models
-from oracle.predict import section_kind
 from oracle.profiles import profile
 from oracle.skeleton import predict_skeleton
 from schema.skeleton import SkeletonPlan, compare_skeleton
 from suites import known
+from suites.skeleton_plans import PAGE_SIZE, const_strings_object, light_object, percpu_sections
 from suites.support import backend_meta, compile_global, runs_of, valid_for_types, write_bundle
-from toolchain.clang import compile_c
-
-PAGE_SIZE = 4096
 
 
 def resize_to(old: int) -> st.SearchStrategy[int]:
@@ -45,7 +41,7 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
                     "libbpf creates the per-CPU maps")
     model = data.draw(program_models(cpus=backend.online_cpus), label="model")
     compiled = compile_global(clang, model)
-    percpu = [s.name for s in compiled.facts.data_sections() if section_kind(s.name, prof.libbpf) == "percpu"]
+    percpu = percpu_sections(compiled, prof)
     assume(percpu)
     plain = predict_skeleton(model, compiled.facts, prof, SkeletonPlan(load=False),
                              possible_cpus=backend.possible_cpus, online_cpus=list(backend.online_cpus))
@@ -63,11 +59,8 @@ def test_skeleton_life_cycle_matches_the_oracle(clang, backend, data):
     summed = data.draw(st.integers(0, sizes[iterated] - 1), label="summed byte") if iterated else 0
     # upstream's lskel subtest, where a light skeleton can take the object: no resize (it has no
     # set_value_size), and no extension or tail-call programs
-    light = None
-    if not resize and not model.has_tail_calls and not any(f.replaces for f in model.functions):
-        light = str(compile_c(clang, compiled.source.replace('SEC("raw_tp")', 'SEC("raw_tp/sys_enter")'),
-                              name=f"{model.name}_light"))
-    const_strings = str(compile_c(clang, const_strings_source, name="const_strings"))
+    light = None if resize else light_object(clang, model, compiled)
+    const_strings = const_strings_object(clang)
     plan = SkeletonPlan(writes=writes, resize=resize, load=load, runs=tuple(runs_of(model)), light_object=light,
                         const_strings=const_strings,
                         all_cpus={s: data.draw(st.binary(min_size=n, max_size=n), label=f"all cpus {s}")

@@ -244,3 +244,29 @@ def test_nightly_shows_progress_and_ends_with_the_new_failures(tmp_path):
     summary = done.stdout.split("new failure bundle(s):")[1]
     assert "runtime on sim, " in summary and "replay: python -m suites.replay " in summary
     assert not list((tmp_path / "db").glob("progress.json*"))  # the progress file is not left in the database
+
+
+def test_the_gate_compares_the_skeleton_life_cycle_of_both_configurations(tmp_path):
+    """Both configurations run the same fixed plan; a differing fact is reported under skeleton.*, the
+    harness's own paths and texts never are."""
+    from types import SimpleNamespace
+
+    from corpus.selftest import selftest_model
+    from suites import gate
+    from toolchain.clang import Clang
+
+    def backend(writable: bool, where: str):
+        def observe_skeleton(compiled, plan):
+            assert plan.resize and plan.iterate_section in plan.writes  # the corpus case: upstream's resize
+            return {"harness": "compiles", "harness_dir": where, "open": True,
+                    "maps": {".percpu": {"image_writable_loaded": writable}}}
+        return SimpleNamespace(loader="libbpf", observe_skeleton=observe_skeleton)
+
+    clang = Clang.find(None)
+    model = selftest_model()
+    same = gate._skeleton_pair(clang, backend(False, "/a"), backend(False, "/b"), model, True)
+    assert same is not None and same.ok
+    cmp = gate._skeleton_pair(clang, backend(False, "/a"), backend(True, "/b"), model, True)
+    assert cmp is not None and [d.field for d in cmp.divergences] == ["skeleton.maps..percpu.image_writable_loaded"]
+    assert [c for c, _, resize in gate._skeleton_cases([("corpus:selftest", model), ("sample:0", model)], 1)
+            if resize] == ["skeleton:corpus:selftest"]
