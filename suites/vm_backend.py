@@ -222,6 +222,23 @@ class VmBackend:
             part["env"].update({k: v for k, v in self.env.items() if k not in part["env"] or k == "features"})
         return doc
 
+    def _answered(self, req: dict[str, Any], what: Compiled | None, **kw: Any) -> dict[str, Any]:  # noqa: ANN401
+        """One request; a guest that failed or complained during it fails this example (layer kernel), an agent
+        error is raised as the guest's."""
+        from backends.vm.machine import GuestFailure
+
+        try:
+            answer = self.machine.request(req, **kw)
+        except GuestFailure as e:
+            raise self._guest_failed(str(e), e.console_tail, what) from None
+        if answer.get("kernel_log"):
+            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
+                                     "\n".join(answer["kernel_log"]), what)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: the guest could not answer {req.get('kind')}: "
+                               f"{answer['error']['type']}: {answer['error']['message']}")
+        return answer
+
     def _guest_failed(self, message: str, console: str, what: Compiled | None) -> GuestFailed:
         where = ""
         if what is not None and what.model is not None:  # a CLI observation has no model to keep
@@ -252,7 +269,6 @@ class VmBackend:
         """The skeleton harness for this object and plan, built on the host against this column's libbpf and
         the stack's bpftool, run in the guest (backends.kernel.skeleton_run)."""
         from backends.kernel.skeleton_run import HarnessError, build_harness, parse_report
-        from backends.vm.machine import GuestFailure
 
         if self.loader == "raw" or self.target.bpftool is None or self.libbpf_path is None:
             raise NotImplementedError(f"{self.name}: a skeleton needs libbpf and the stack's bpftool")
@@ -271,15 +287,7 @@ class VmBackend:
         except HarnessError as e:  # an observation too: the header a user would compile does not build
             return {"harness": e.kind, "harness_message": str(e), "harness_dir": str(work),
                     "dumped_types_mismatch": bool(e.mismatched_types), "mismatched_types": e.mismatched_types}
-        try:
-            answer = self.machine.request({"kind": "exec", "jit": self.jit, "executable": str(harness.executable)})
-        except GuestFailure as e:
-            raise self._guest_failed(str(e), e.console_tail, compiled) from None
-        if answer.get("kernel_log"):
-            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
-                                     "\n".join(answer["kernel_log"]), compiled)
-        if "error" in answer:
-            raise RuntimeError(f"{self.name}: the guest could not run the harness: {answer['error']['message']}")
+        answer = self._answered({"kind": "exec", "jit": self.jit, "executable": str(harness.executable)}, compiled)
         run = answer["exec"]
         if run["returncode"] != 0:
             raise HarnessError(f"the skeleton harness exited {run['returncode']} in the guest: "
@@ -291,15 +299,8 @@ class VmBackend:
 
     def _run_light(self, light: Path, compiled: Compiled) -> dict[str, Any]:
         from backends.kernel.skeleton_run import HarnessError, parse_light_report
-        from backends.vm.machine import GuestFailure
 
-        try:
-            answer = self.machine.request({"kind": "exec", "jit": self.jit, "executable": str(light)})
-        except GuestFailure as e:
-            raise self._guest_failed(str(e), e.console_tail, compiled) from None
-        if answer.get("kernel_log"):
-            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
-                                     "\n".join(answer["kernel_log"]), compiled)
+        answer = self._answered({"kind": "exec", "jit": self.jit, "executable": str(light)}, compiled)
         run = answer.get("exec") or {}
         if run.get("returncode") != 0:
             raise HarnessError(f"the light-skeleton harness exited {run.get('returncode')} in the guest: "
@@ -333,18 +334,9 @@ class VmBackend:
 
     def observe_jited(self, register: int, offset: int) -> dict[str, Any]:
         """The kernel backend's observe_jited in the guest (agent request "jited")."""
-        from backends.vm.machine import GuestFailure
 
         if self.loader != "raw":
             raise NotImplementedError("the JIT case loads through bpf() directly: it runs under vm-raw")
-        try:
-            answer = self.machine.request({**self._base("jited"), "register": register, "offset": offset})
-        except GuestFailure as e:
-            raise self._guest_failed(str(e), e.console_tail, None) from None
-        if answer.get("kernel_log"):
-            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
-                                     "\n".join(answer["kernel_log"]), None)
-        if "error" in answer:
-            raise RuntimeError(f"{self.name}: the guest could not observe: {answer['error']['message']}")
+        answer = self._answered({**self._base("jited"), "register": register, "offset": offset}, None)
         return dict(answer["jited"])
 
