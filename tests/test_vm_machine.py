@@ -5,6 +5,8 @@ stack is not provisioned or QEMU cannot run."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from backends.vm.machine import GuestFailure, VmMachine
@@ -47,7 +49,7 @@ def test_a_panic_fails_the_request_and_the_next_one_boots_anew(machine):
     assert "Kernel panic" in str(failed.value) and "sysrq" in failed.value.console_tail.lower()
     assert not machine.running
     assert "probe" in machine.request({"kind": "probe"})
-    assert machine.boots == boots + 1
+    assert machine.boots == boots + 1, machine.boot_failures
 
 
 def test_a_hang_is_killed_at_the_request_timeout(machine):
@@ -57,4 +59,18 @@ def test_a_hang_is_killed_at_the_request_timeout(machine):
         machine.request({"kind": "hang"}, timeout=5)
     assert not machine.running
     assert "probe" in machine.request({"kind": "probe"})
-    assert machine.boots == boots + 1
+    assert machine.boots == boots + 1, machine.boot_failures
+
+
+def test_a_host_that_goes_away_leaves_no_guest(machine):
+    """However the host ends (SIGKILL, a lost xdist worker), its socket closes: the agent sees the end of its
+    port and powers the guest off, with no shutdown request."""
+    machine.start()
+    proc = machine._proc
+    assert proc is not None and machine._conn is not None
+    machine._conn.shutdown(socket.SHUT_RDWR)  # what the kernel does to a dead process's socket
+    proc.wait(timeout=120)
+    machine._copier.join(5)
+    assert "the host is gone; powering off" in machine.console_tail()
+    machine.close()
+    assert "probe" in machine.request({"kind": "probe"})

@@ -4,9 +4,10 @@
 with the kernel backend and writes DIR/results.json (atomically: a half-written file must never pass for an
 answer). A failing request becomes an error entry; only a failure outside any request is `fatal`.
 
-`python -m backends.vm.agent --serve DIR` (persistent, docs/vm-backend.md): probes, writes DIR/ready.json, then
-answers DIR/req-N.json with DIR/resp-N.json, one request at a time, until a `shutdown` request. Each answer carries
-the kernel's complaints (WARN, BUG, KASAN, "BPF:") read from /dev/kmsg while that request ran.
+`python -m backends.vm.agent --serve DIR` (persistent, docs/vm-backend.md): probes, sends its probe on the
+agent's virtio-serial port (backends.vm.channel), then answers each request there, one at a time, until a
+`shutdown` request or the host's end. Each answer carries the kernel's complaints (WARN, BUG, KASAN, "BPF:") read
+from /dev/kmsg while that request ran. A failure before serving is written to DIR/ready.json.
 
 Progress goes to stdout, which is the guest console the host keeps. Nothing is pinned, so bpffs is not needed.
 """
@@ -19,11 +20,15 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from backends.vm.channel import PORT_NAME, LineChannel, find_port, unpack_file
 
 _START = time.monotonic()
 
@@ -186,7 +191,6 @@ def run(directory: Path) -> int:
 
 # -- the persistent agent ----------------------------------------------------------------------------------------
 
-POLL_SECONDS = 0.002  # a stat over 9p costs about 1 ms under TCG
 # What BPF CI greps dmesg for: a kernel complaint while a request ran fails that request's example.
 SPLAT = re.compile(r"(WARNING:|BUG:|KASAN|Oops|general protection fault|kernel BUG|\bBPF:)")
 _KMSG = "/dev/kmsg"
@@ -385,34 +389,6 @@ def _answer(req: dict[str, Any], libbpfs: dict[str | None, Any]) -> dict[str, An
     raise ValueError(f"unknown request kind {kind!r}")
 
 
-HEARTBEAT = "heartbeat"  # the host touches it every HEARTBEAT_SECONDS while it holds the guest
-HOST_GONE_SECONDS = 30.0
-
-
-class Heartbeat:
-    """Whether the host still holds this guest: the heartbeat file's mtime must move within HOST_GONE_SECONDS
-    of guest time. Checked about once a second, since a stat over 9p is not free."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.seen: float | None = None
-        self.since = time.monotonic()
-        self.checked = 0.0
-
-    def stopped(self) -> bool:
-        now = time.monotonic()
-        if now - self.checked < 1.0:
-            return False
-        self.checked = now
-        try:
-            mtime = self.path.stat().st_mtime
-        except OSError:
-            mtime = None
-        if mtime != self.seen:
-            self.seen, self.since = mtime, now
-        return now - self.since > HOST_GONE_SECONDS
-
-
 def _take_offline(keep: int) -> None:
     """Leave CPUs 0..keep-1 online: the others stay possible (per-CPU slots) but can run nothing."""
     from backends.kernel import probes
@@ -433,6 +409,15 @@ def _preload() -> None:
     import suites.verifier_backends  # noqa: F401
 
 
+def _unpacked(req: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The request with each file it carries written under `directory` and named by its guest path."""
+    doc = dict(req)
+    for key, packed in (doc.pop("files", None) or {}).items():
+        doc[key] = ([unpack_file(p, directory / str(k)) for k, p in enumerate(packed)] if isinstance(packed, list)
+                    else unpack_file(packed, directory / "0"))
+    return doc
+
+
 def serve(directory: Path, online: int | None = None) -> int:
     from backends.kernel import probes
 
@@ -443,28 +428,26 @@ def serve(directory: Path, online: int | None = None) -> int:
     _preload()
     kmsg = KernelLog()
     guest = _guest_facts()
-    _say(f"kernel {guest['kernel_release']}, serving {directory}")
-    _write(directory, {"guest": guest}, "ready.json")
+    channel = LineChannel(os.open(find_port(), os.O_RDWR))
+    files = Path(tempfile.mkdtemp(prefix="percpu-agent-"))  # the guest's tmpfs, not the shared directory
+    _say(f"kernel {guest['kernel_release']}, serving on port {PORT_NAME}")
+    channel.send({"guest": guest})
     seq = 0
-    heartbeat = Heartbeat(directory / HEARTBEAT)
     while True:
-        path = directory / f"req-{seq}.json"
-        if not path.exists():
-            if heartbeat.stopped():  # the host died without a shutdown: leave no guest behind
-                _say("the host stopped beating; powering off")
-                return 0
-            time.sleep(POLL_SECONDS)
-            continue
-        req = json.loads(path.read_text())
+        req = channel.receive()
+        if req is None:  # the host closed its socket, however it ended: leave no guest behind
+            _say("the host is gone; powering off")
+            return 0
         if req.get("kind") == "shutdown":
             for worker in workers.values():
                 worker.close()
-            _write(directory, {"ok": True}, f"resp-{seq}.json")
+            channel.send({"ok": True})
             return 0
         start = time.monotonic()
         kmsg.drain()
         jit = default_jit if req.get("jit") is None else bool(req["jit"])
         try:
+            req = _unpacked(req, files / str(seq))
             _set_jit(jit)
             if jit not in workers:
                 workers[jit] = JitWorker(jit)
@@ -474,7 +457,8 @@ def serve(directory: Path, online: int | None = None) -> int:
             answer = {"error": {"type": type(e).__name__, "message": " ".join(str(e).split())}}
         answer["kernel_log"] = [ln for ln in kmsg.drain() if SPLAT.search(ln)]
         answer["seconds"] = round(time.monotonic() - start, 4)
-        _write(directory, answer, f"resp-{seq}.json")
+        channel.send(answer)
+        shutil.rmtree(files / str(seq), ignore_errors=True)
         seq += 1
 
 

@@ -1,9 +1,10 @@
 """A guest that stays up: boot once, then answer requests one at a time (docs/vm-backend.md).
 
-`VmMachine.request` hands the guest agent (`backends.vm.agent --serve`) one request through the shared scratch
-directory and waits for its answer. A guest that panics, hangs past the request's timeout or stops answering is
-killed; the request fails with `GuestFailure` carrying the end of the console, and the next request boots a new
-guest, so one bad example never ends a session. `close` shuts the guest down and always leaves nothing running.
+`VmMachine.request` hands the guest agent (`backends.vm.agent --serve`) one request over its virtio-serial port
+(`backends.vm.channel`) and waits for its answer. A guest that panics, hangs past the request's timeout or stops
+answering is killed; the request fails with `GuestFailure` carrying the end of the console, and the next request
+boots a new guest, so one bad example never ends a session. `close` shuts the guest down and always leaves nothing
+running.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -22,27 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from backends.vm import runner
-from backends.vm.agent import HEARTBEAT
+from backends.vm.channel import LineChannel, pack_file, qemu_options
 from backends.vm.runner import PROJECT_ROOT, VmConfig, VmError, VmSession, VmUnavailable
 
 __all__ = ["GuestFailure", "VmMachine"]
 
 BOOT_TIMEOUT = 240.0  # TCG boots a distribution kernel in 20-45 s; a loaded machine takes longer
 REQUEST_TIMEOUT = 120.0  # one observation takes 0.1-1 s under TCG; past this the guest is taken for hung
-POLL_SECONDS = 0.002
-HEARTBEAT_SECONDS = 2.0
+WAIT_SLICE = 0.25  # how often a wait for the guest looks whether QEMU is still there
 _PANIC = re.compile(r"Kernel panic|end Kernel panic|Out of memory: Killed process|oom-kill:")
-
-
-def _heartbeat(path: Path, stop: threading.Event) -> None:
-    """Touch `path` while this process holds the guest: a host killed without closing it (SIGKILL, a lost
-    xdist worker) stops beating, and the agent powers the guest off instead of leaving it running."""
-    while not stop.is_set():
-        try:
-            path.touch()
-        except OSError:
-            return
-        stop.wait(HEARTBEAT_SECONDS)
 
 
 class GuestFailure(VmError):
@@ -70,7 +61,9 @@ class VmMachine:
         self._console: Path | None = None
         self._copier: threading.Thread | None = None
         self._seq = 0
-        self._beat: threading.Event | None = None
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._channel: LineChannel | None = None
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -84,7 +77,7 @@ class VmMachine:
         # (-smp N,maxcpus=M) are not possible CPUs to kernels whose topology code ignores disabled MADT
         # entries (7.3: "Allowing 2 present CPUs plus 0 hotplug CPUs"), while an offlined CPU stays possible.
         argv[argv.index("--cpus") + 1] = str(self.maxcpus)
-        return argv
+        return [*argv, "--qemu-opts=" + shlex.join(qemu_options(scratch / "agent.sock"))]
 
     @property
     def running(self) -> bool:
@@ -98,6 +91,10 @@ class VmMachine:
         self._cleanup()
         scratch = Path(tempfile.mkdtemp(prefix="percpu-vm-"))
         self._scratch, self._console, self._seq = scratch, scratch / "console.log", 0
+        # listening before QEMU starts: QEMU connects the agent's port to this socket as it comes up
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(scratch / "agent.sock"))
+        self._listener.listen(1)
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(self.session.vng.parent), env.get("PATH", os.defpath)])
         start = time.monotonic()
@@ -107,17 +104,8 @@ class VmMachine:
         self._copier = threading.Thread(target=runner._copy, args=(self._proc.stdout, self._console), daemon=True)
         self._copier.start()
         self.boots += 1
-        self._beat = threading.Event()
-        threading.Thread(target=_heartbeat, args=(scratch / HEARTBEAT, self._beat), daemon=True).start()
-        ready = scratch / "ready.json"
         deadline = start + min(self.config.timeout, BOOT_TIMEOUT) if self.config.timeout else start + BOOT_TIMEOUT
-        while not ready.exists():
-            if not self.running:
-                raise self._fail(f"guest ended during boot (vng exit {self._proc.returncode})")
-            if time.monotonic() > deadline:
-                raise self._fail(f"guest not ready within {deadline - start:.0f}s of boot")
-            time.sleep(0.05)
-        doc = json.loads(ready.read_text())
+        doc = self._wait_ready(scratch, deadline, start)
         if "fatal" in doc:
             raise self._fail(f"guest agent failed: {doc['fatal']}")
         self.boot_seconds = round(time.monotonic() - start, 3)
@@ -129,6 +117,30 @@ class VmMachine:
                                 f"{probe.get('bpf_unusable_reason') or 'bpf() unusable'}")
         self.guest = guest
         return guest
+
+    def _wait_ready(self, scratch: Path, deadline: float, start: float) -> dict[str, Any]:
+        """QEMU's connection, then the agent's first line (its probe); a failure before serving lands in
+        ready.json on the shared directory instead."""
+        assert self._listener is not None
+        while True:
+            if not self.running:
+                assert self._proc is not None
+                raise self._fail(f"guest ended during boot (vng exit {self._proc.returncode})")
+            if time.monotonic() > deadline:
+                raise self._fail(f"guest not ready within {deadline - start:.0f}s of boot")
+            fatal = scratch / "ready.json"
+            if fatal.exists():
+                return dict(json.loads(fatal.read_text()))
+            if self._conn is None:
+                if select.select([self._listener], [], [], WAIT_SLICE)[0]:
+                    self._conn, _ = self._listener.accept()
+                    self._channel = LineChannel(self._conn.fileno())
+                continue
+            assert self._channel is not None
+            if self._channel.has_line():
+                return self._channel.take()
+            if select.select([self._conn], [], [], WAIT_SLICE)[0] and not self._channel.feed():
+                raise self._fail("the guest closed its channel during boot")
 
     def close(self) -> None:
         """Ask the agent to stop, then make sure vng and QEMU are gone and the scratch directory with them."""
@@ -142,8 +154,10 @@ class VmMachine:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        if self._beat is not None:
-            self._beat.set()
+        for sock in (self._conn, self._listener):
+            if sock is not None:
+                sock.close()
+        self._conn = self._listener = self._channel = None
         if self._proc is not None:
             if self._proc.poll() is None:
                 runner._kill_group(self._proc)
@@ -178,36 +192,31 @@ class VmMachine:
         self._cleanup()
         return GuestFailure(message, tail)
 
-    def stage(self, path: str | os.PathLike[str], index: int = 0) -> str:
-        """Copy an object into the shared directory, keeping its name (libbpf derives map names from it)."""
-        assert self._scratch is not None
-        dst = self._scratch / "objects" / str(self._seq) / str(index) / Path(path).name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst)
-        return str(dst)
-
     def _send(self, req: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        assert self._scratch is not None
+        assert self._channel is not None and self._conn is not None
         seq = self._seq
-        tmp = self._scratch / f"req-{seq}.json.tmp"
-        tmp.write_text(json.dumps(req))
-        os.replace(tmp, self._scratch / f"req-{seq}.json")
-        answer = self._scratch / f"resp-{seq}.json"
+        try:
+            self._channel.send(req)
+        except OSError as e:
+            raise self._fail(f"guest channel broke sending request {seq} ({req.get('kind')}): {e}") from None
         deadline = time.monotonic() + timeout
-        while not answer.exists():
+        while not self._channel.has_line():
             if not self.running:
                 raise self._fail(f"guest died during request {seq} ({req.get('kind')})")
             if time.monotonic() > deadline:
                 raise self._fail(f"guest did not answer request {seq} ({req.get('kind')}) within {timeout:g}s; "
                                  "killed")
-            time.sleep(POLL_SECONDS)
+            ready = select.select([self._conn], [], [], min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))[0]
+            if ready and not self._channel.feed():
+                raise self._fail(f"guest closed its channel during request {seq} ({req.get('kind')})")
         self._seq += 1
-        return json.loads(answer.read_text())
+        return self._channel.take()
 
     def request(self, req: Mapping[str, Any], *, objects: Mapping[str, str | os.PathLike[str]] | None = None,
                 timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
-        """Send one request, booting first when no guest is up. `objects` names request keys whose host paths
-        are staged into the shared directory ("object", or "objects" for a list). Returns the agent's answer:
+        """Send one request, booting first when no guest is up. `objects` names request keys whose host files
+        travel with the request ("object", or "objects" for a list); the agent puts the guest's copies' paths
+        there. Returns the agent's answer:
         {"observation"|"probe"|"error": ..., "kernel_log": [...], "seconds": s}."""
         if not self.running:
             try:
@@ -215,8 +224,6 @@ class VmMachine:
             except GuestFailure as e:  # a boot that panicked (seen once under TCG) is tried once more
                 self.boot_failures.append(str(e))
                 self.start()
-        doc = dict(req)
-        for key, value in (objects or {}).items():
-            doc[key] = ([self.stage(p, k) for k, p in enumerate(value)] if isinstance(value, list | tuple)
-                        else self.stage(value))
-        return self._send(doc, timeout)
+        files = {key: [pack_file(p) for p in value] if isinstance(value, list | tuple) else pack_file(value)
+                 for key, value in (objects or {}).items()}
+        return self._send({**req, "files": files} if files else req, timeout)
