@@ -44,6 +44,13 @@ def _end_to_end(clang, backend, models) -> float:
     return len(models)
 
 
+def _observe_only(backend, compiled) -> float:
+    """Observations alone, of objects compiled beforehand: the backend's own cost, without clang's."""
+    for c in compiled:
+        backend.observe(c, runs_of(c.model))
+    return len(compiled)
+
+
 def _rate(benchmark, fn, cold_cache, *args) -> float:
     benchmark.pedantic(fn, args=args, setup=cold_cache, rounds=3, iterations=1)
     return len(args[-1]) / benchmark.stats.stats.mean
@@ -73,6 +80,17 @@ def test_kernel_end_to_end(benchmark, clang, models, cold_cache, bench_results, 
         bench_results[f"kernel_{loader}_ratio"] = rate / bench_results["clang_examples_per_s"]
         if loader == "raw":
             bench_results["kernel_ratio"] = bench_results["kernel_raw_ratio"]
+
+
+@pytest.mark.parametrize("loader", ["raw", "libbpf"])
+def test_kernel_observe_only(benchmark, clang, models, bench_results, loader):
+    try:
+        backend = KernelBackend(loader, None, clang)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    compiled = [compile_global(clang, m) for m in models]
+    rate = _rate(benchmark, _observe_only, lambda: None, backend, compiled)
+    bench_results[f"kernel_{loader}_observe_per_s"] = rate
 
 
 def test_xdist_speedup(tmp_path, bench_results):

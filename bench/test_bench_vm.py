@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.test_bench import _end_to_end, _rate
+from bench.test_bench import _end_to_end, _observe_only, _rate
 from suites.backends import Unavailable, from_config
 from suites.support import compile_global, runs_of
 
@@ -28,6 +28,18 @@ def test_vm_end_to_end(benchmark, clang, models, cold_cache, bench_results, load
     host = bench_results.get(f"kernel_{loader}_examples_per_s")
     if host:
         bench_results[f"vm_{loader}_vs_kernel_{loader}"] = rate / host
+
+
+@pytest.mark.parametrize("loader", ["raw", "libbpf"])
+def test_vm_observe_only(benchmark, clang, models, bench_results, loader):
+    """The observations alone (objects compiled beforehand), beside the host kernel's: what the guest costs."""
+    backend = _vm(loader)
+    compiled = [compile_global(clang, m) for m in models]
+    rate = _rate(benchmark, _observe_only, lambda: None, backend, compiled)
+    bench_results[f"vm_{loader}_observe_per_s"] = rate
+    host = bench_results.get(f"kernel_{loader}_observe_per_s")
+    if host:
+        bench_results[f"vm_{loader}_observe_vs_kernel_{loader}"] = rate / host
 
 
 def test_vm_boot_to_first_observation(clang, models, bench_results):
