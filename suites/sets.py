@@ -23,6 +23,7 @@ from suites.support import (
     compile_lowered,
     failures_dir,
     lowered_as_global,
+    malformed,
     percpu_offsets,
 )
 from toolchain.clang import Clang
@@ -92,6 +93,10 @@ def write_set_bundle(name: str, compiled: CompiledSet, documents: dict[str, dict
 def assert_same_set(name: str, compiled: CompiledSet, expected: dict, observed: dict, *,
                     layers: tuple[str, ...] = LAYERS, meta: dict | None = None,
                     lowered: CompiledSet | None = None) -> Comparison:
+    if (problem := malformed(expected, observed)) is not None:
+        where = write_set_bundle(name, compiled, {"expected": expected, "observed": observed}, problem,
+                                 {**(meta or {}), "check": name.split("-")[0], "layers": list(layers)}, lowered)
+        raise AssertionError(f"{problem}; bundle {where}")
     cmp = compare_set(expected, observed, layers=layers)
     triaged = known.triage(cmp, observed)
     known.record(triaged)

@@ -13,7 +13,7 @@ from pathlib import Path
 from generators.ctype import Scalar, leaves
 from generators.model import ProgramModel, dumps
 from generators.render import render_global, render_lowered, section_ident
-from schema.result import LAYERS, Comparison, Result, compare
+from schema.result import LAYERS, Comparison, Result, compare, validate
 from suites import known
 from toolchain.clang import Clang, compile_c
 from toolchain.elf import ObjectFacts, read_object
@@ -114,9 +114,23 @@ def backend_meta(backend) -> dict:  # noqa: ANN001 - suites.backends.Backend
                             if env.get(k) is not None}}
 
 
+def malformed(*documents: Result) -> str | None:
+    """Which document breaks result.schema.json, and where: every prediction and every observation, the vm's
+    included (made in the guest, it reaches the host as JSON), keeps the one contract before it is compared."""
+    for doc in documents:
+        problems = validate(doc)
+        if problems:
+            return f"the {doc.get('source')} document breaks result.schema.json: " + "; ".join(problems[:5])
+    return None
+
+
 def assert_same(name: str, compiled: Compiled, expected: Result, observed: Result,
                 extra_sources: dict[str, str] | None = None, layers: tuple[str, ...] = LAYERS,
                 meta: dict | None = None) -> Comparison:
+    if (problem := malformed(expected, observed)) is not None:
+        where = write_bundle(name, compiled, {"expected": expected, "observed": observed}, problem, extra_sources,
+                             {**(meta or {}), "check": name.split("-")[0], "layers": list(layers)})
+        raise AssertionError(f"{problem}; bundle {where}")
     cmp = compare(expected, observed, layers=layers)
     triaged = known.triage(cmp, observed)
     known.record(triaged)

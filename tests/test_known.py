@@ -119,18 +119,38 @@ def test_the_register_names_the_placeholder_fd_divergence():
                         PROP).applied == []
 
 
+def _verdict_docs() -> tuple[dict, dict]:
+    from schema.result import new_env, new_result, program_entry
+
+    expected = new_result("oracle", new_env(ENV["profile"]), None)
+    expected["programs"] = [program_entry("p", "rejected", errno=22, message_class="map_not_created")]
+    observed = new_result("kernel", new_env(ENV["profile"], libbpf="1.8.0", kernel_release=ENV["kernel_release"]),
+                          None)
+    observed["programs"] = [program_entry("p", "rejected", errno=22, message_class="invalid_map_fd")]
+    return expected, observed
+
+
 def test_a_known_comparison_does_not_fail_assert_same(monkeypatch):
     from suites.support import assert_same
 
-    expected = {"source": "oracle", "env": {}, "open": {"ok": True}, "variables": [], "maps": [], "runs": [],
-                "programs": [{"name": "p", "verdict": "rejected", "errno": 22, "message_class": "map_not_created"}]}
-    observed = {**expected, "source": "kernel", "env": ENV,
-                "programs": [{**expected["programs"][0], "message_class": "invalid_map_fd"}]}
+    expected, observed = _verdict_docs()
     monkeypatch.setenv("PYTEST_CURRENT_TEST", f"{PROP}[kernel-libbpf] (call)")
     known.drain()
     cmp = assert_same("verdicts-kernel-libbpf", None, expected, observed)  # type: ignore[arg-type]
     assert [d.field for d in cmp.divergences] == ["programs[p].message_class"]
     assert ("known", "libbpf-placeholder-fd") in known.drain()
+
+
+@pytest.mark.invalid_documents
+def test_a_document_that_breaks_the_schema_fails_before_any_comparison(monkeypatch, tmp_path):
+    """An observation that arrived as JSON (the vm's) and lost a field is not a divergence to triage, known or not."""
+    from suites import support
+
+    monkeypatch.setattr(support, "write_bundle", lambda *a, **k: str(tmp_path / "bundle"))
+    expected, observed = _verdict_docs()
+    del observed["programs"][0]["loaded"]
+    with pytest.raises(AssertionError, match=r"the kernel document breaks result.schema.json: programs\[0\]"):
+        support.assert_same("verdicts-kernel-libbpf", None, expected, observed)  # type: ignore[arg-type]
 
 
 # -- the matrix ---------------------------------------------------------------------------------------------
