@@ -3,7 +3,7 @@ stack that are understood, reported upstream and deliberately not "fixed" in the
 documented intent). A comparison whose divergences are all matched by entries is *known*, not a failure; one
 unmatched divergence fails as usual.
 
-An entry matches only what it names: properties (globs), an environment (profile glob, libbpf and kernel version
+An entry matches only what it names: properties (globs), an environment (profile globs, libbpf and kernel version
 ranges) and, per divergence, the compared field (glob), the expected and the observed value. Globs know only
 `*` (any run of characters); field paths are full of `[` and `]`, which must stay literal.
 
@@ -100,7 +100,7 @@ class KnownDivergence:
     id: str
     properties: tuple[str, ...]  # globs over "suites/test_x.py::test_name"
     matches: tuple[Match, ...]
-    profile: str  # glob over the observation's env.profile
+    profiles: tuple[str, ...]  # globs over the observation's env.profile, any of which may match
     libbpf: str | None  # version range of env.libbpf; None: any (a null libbpf included)
     kernel_release: str | None  # version range of env.kernel_release; None: any
     reason: str
@@ -118,7 +118,7 @@ class KnownDivergence:
             return False
         if not any(_glob(p).match(prop) for p in self.properties):
             return False
-        if not _glob(self.profile).match(str(env.get("profile") or "")):
+        if not any(_glob(p).match(str(env.get("profile") or "")) for p in self.profiles):
             return False
         for key, wanted in (("libbpf", self.libbpf), ("kernel_release", self.kernel_release)):
             if wanted is not None:
@@ -159,9 +159,8 @@ def parse(data: dict[str, Any], where: str = "register") -> tuple[KnownDivergenc
             if "field" not in m:
                 raise RegisterError(f"{label} ({raw['id']}): a match needs field, expected and observed")
             matches.append(Match(m["field"], sides[0], sides[1], m.get("layer")))
-        props = raw["property"]
-        props = (props,) if isinstance(props, str) else tuple(props)
-        entry = KnownDivergence(raw["id"], props, tuple(matches), raw["profile"], raw.get("libbpf"),
+        props, profiles = (((v,) if isinstance(v, str) else tuple(v)) for v in (raw["property"], raw["profile"]))
+        entry = KnownDivergence(raw["id"], props, tuple(matches), profiles, raw.get("libbpf"),
                                 raw.get("kernel_release"), raw["reason"], raw["upstream"], str(raw["found"]),
                                 requires)
         for wanted in (entry.libbpf, entry.kernel_release):

@@ -41,6 +41,13 @@ def test_an_entry_explains_the_divergence_it_names():
                               "verifier")).all_known
 
 
+def test_an_entry_with_several_profiles_applies_under_each_and_no_other():
+    profiles = ["merged-unpatched-kernel*", "*+jitoff"]
+    assert _triage(SWAP, profile=profiles).all_known
+    assert _triage(SWAP, env={**ENV, "profile": "merged+jitoff"}, profile=profiles).all_known
+    assert _triage(SWAP, env={**ENV, "profile": "merged"}, profile=profiles).applied == []
+
+
 @pytest.mark.parametrize("other", [
     Divergence("programs[prog1].errno", 22, 1, "verifier"),  # another field of the same program
     Divergence("programs[prog1].message_class", "map_not_created", "other", "verifier"),  # another class
