@@ -11,13 +11,13 @@ A helper call is checked against its entry in backends.sim.helpers (argument kin
 checks), the table the kernel model also runs helpers from; maps and profiles are read through the VerifierMap
 and VerifierProfile protocols, so this module does not import the kernel model.
 
-The abstract state is deliberately small: per register "not initialised", a scalar with unsigned and signed
-64-bit bounds, or a pointer (context, stack slot, map value at a constant offset, maybe-null map value, map).
-Values loaded from memory are unknown scalars bounded by their width, except loads from a frozen read-only
-ARRAY map at a constant offset, which the kernel folds into constants (a `.percpu` value never is [S]).
-Anything outside this model (loops, variable pointer offsets, unknown helpers, kfuncs, context accesses) is
-refused with class `sim_unsupported` rather than guessed. Facts marked [D] were read from kernel source and not
-run here; [V, measured] ones were measured on this machine's 6.18 kernel.
+The abstract state is deliberately small (its values and their rules are backends.sim.bounds): per register "not
+initialised", a scalar with unsigned and signed 64-bit bounds, or a pointer (context, stack slot, map value at a
+constant offset, maybe-null map value, map). Values loaded from memory are unknown scalars bounded by their width,
+except loads from a frozen read-only ARRAY map at a constant offset, which the kernel folds into constants (a
+`.percpu` value never is [S]). Anything outside this model (loops, variable pointer offsets, unknown helpers,
+kfuncs, context accesses) is refused with class `sim_unsupported` rather than guessed. Facts marked [D] were read
+from kernel source and not run here; [V, measured] ones were measured on this machine's 6.18 kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +28,32 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, Protocol, TypeVar, Union
 
 from backends.sim import printf
+from backends.sim.bounds import (  # the abstract values, and their rules
+    CTX,
+    FLIPPED,
+    MAP_PTR,
+    MAP_VALUE,
+    MAP_VALUE_OR_NULL,
+    NEGATED,
+    STACK,
+    U32,
+    U64,
+    UNKNOWN,
+    UNKNOWN32,
+    Ptr,
+    Scalar,
+    Value,
+    as_signed,
+    branch_taken,
+    const,
+    low32,
+    refine,
+    scalar_alu,
+    srange,
+    type_name,
+    unknown_of_size,
+    urange,
+)
 from backends.sim.helpers import BUFFER_ARGS, HELPER_PROTOS, HelperProto, Inline
 from backends.sim.helpers import (  # re-exported: the fault catalogue replaces that helper by its id
     BPF_FUNC_get_smp_processor_id as BPF_FUNC_get_smp_processor_id,
@@ -42,9 +68,6 @@ from toolchain.uapi import (
     BPF_MAP_TYPE_PROG_ARRAY,
 )
 
-U64 = (1 << 64) - 1
-U32 = (1 << 32) - 1
-S64_MIN, S64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_BPF_STACK = 512
 MAX_CALL_FRAMES = 8
 BPF_MAX_VAR_OFF = 1 << 29
@@ -114,301 +137,6 @@ class VerifierError(Exception):
 
 def _unsupported(what: str) -> VerifierError:
     return VerifierError(errno.EOPNOTSUPP, f"unsupported by the simulator: {what}", "sim_unsupported")
-
-
-# -- abstract values --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Scalar:
-    umin: int
-    umax: int
-    smin: int
-    smax: int
-
-    @property
-    def is_const(self) -> bool:
-        return self.umin == self.umax
-
-    @property
-    def value(self) -> int:
-        return self.umin
-
-    def __str__(self) -> str:
-        if self.is_const:
-            return f"scalar({self.umin:#x})"
-        return f"scalar(u[{self.umin:#x},{self.umax:#x}] s[{self.smin},{self.smax}])"
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >> 63 else v
-
-
-def const(v: int) -> Scalar:
-    v &= U64
-    return Scalar(v, v, _signed(v), _signed(v))
-
-
-def _make(umin: int, umax: int, smin: int, smax: int) -> Scalar | None:
-    """Bounds tightened against each other, or None when they are contradictory (an impossible branch)."""
-    if smin >= 0:
-        umin, umax = max(umin, smin), min(umax, smax)
-    elif smax < 0:
-        umin, umax = max(umin, smin + (1 << 64)), min(umax, smax + (1 << 64))
-    if umax <= S64_MAX:
-        smin, smax = max(smin, umin), min(smax, umax)
-    elif umin > S64_MAX:
-        smin, smax = max(smin, umin - (1 << 64)), min(smax, umax - (1 << 64))
-    if umin > umax or smin > smax:
-        return None
-    return Scalar(umin, umax, smin, smax)
-
-
-def urange(lo: int, hi: int) -> Scalar:
-    s = _make(lo, hi, S64_MIN, S64_MAX)
-    assert s is not None
-    return s
-
-
-def srange(lo: int, hi: int) -> Scalar:
-    s = _make(0, U64, lo, hi)
-    assert s is not None
-    return s
-
-
-UNKNOWN = Scalar(0, U64, S64_MIN, S64_MAX)
-UNKNOWN32 = urange(0, U32)
-
-
-def unknown_of_size(size: int) -> Scalar:
-    return UNKNOWN if size == 8 else urange(0, (1 << (8 * size)) - 1)
-
-
-CTX, STACK, MAP_VALUE, MAP_VALUE_OR_NULL, MAP_PTR = "ctx", "fp", "map_value", "map_value_or_null", "map_ptr"
-
-
-@dataclass(frozen=True, slots=True)
-class Ptr:
-    kind: str
-    off: int = 0
-    map_fd: int = -1
-    frame: int = 0  # the frame whose stack a STACK pointer points into
-    id: int = 0  # ties copies of one maybe-null pointer together for the null check
-
-    def __str__(self) -> str:
-        return f"{self.kind}(off={self.off})"
-
-
-Value = Union[Scalar, Ptr, None]  # noqa: UP007 - None is "not initialised"
-
-
-def type_name(v: Value) -> str:
-    if v is None:
-        return "?"
-    return "scalar" if isinstance(v, Scalar) else v.kind
-
-
-# -- scalar arithmetic ------------------------------------------------------------------------------------
-
-
-def _low32(a: Scalar) -> Scalar:
-    """The value's low 32 bits, zero-extended."""
-    if a.umin >> 32 == a.umax >> 32:
-        return urange(a.umin & U32, a.umax & U32)
-    return UNKNOWN32
-
-
-def _s32_bounds(a: Scalar) -> tuple[int, int]:
-    lo, hi = a.umin & U32, a.umax & U32
-    if a.umin >> 32 != a.umax >> 32:
-        lo, hi = 0, U32
-    if hi < 1 << 31:
-        bounds = (lo, hi)
-    elif lo >= 1 << 31:
-        bounds = (lo - (1 << 32), hi - (1 << 32))
-    else:
-        bounds = (-(1 << 31), (1 << 31) - 1)
-    if a.smin >= -(1 << 31) and a.smax < 1 << 31:  # a sign-extended 32-bit value: its low half is itself
-        bounds = (max(bounds[0], a.smin), min(bounds[1], a.smax))
-    return bounds
-
-
-def _eval(op: int, a: int, b: int, bits: int, off: int) -> int:
-    """Exact value of a constant ALU operation (the interpreter's semantics)."""
-    mask = U64 if bits == 64 else U32
-    a, b = a & mask, b & mask
-    sh = bits - 1
-
-    def sx(v: int) -> int:
-        return v - (1 << bits) if v >> (bits - 1) else v
-
-    if op == isa.BPF_ADD:
-        r = a + b
-    elif op == isa.BPF_SUB:
-        r = a - b
-    elif op == isa.BPF_MUL:
-        r = a * b
-    elif op == isa.BPF_OR:
-        r = a | b
-    elif op == isa.BPF_AND:
-        r = a & b
-    elif op == isa.BPF_XOR:
-        r = a ^ b
-    elif op == isa.BPF_LSH:
-        r = a << (b & sh)
-    elif op == isa.BPF_RSH:
-        r = a >> (b & sh)
-    elif op == isa.BPF_ARSH:
-        r = sx(a) >> (b & sh)
-    elif op == isa.BPF_DIV and off == 0:
-        r = a // b if b else 0
-    elif op == isa.BPF_MOD and off == 0:
-        r = a % b if b else a
-    elif op == isa.BPF_DIV:
-        sa, sb = sx(a), sx(b)
-        r = 0 if sb == 0 else (abs(sa) // abs(sb)) * (1 if (sa < 0) == (sb < 0) else -1)
-    elif op == isa.BPF_MOD:
-        sa, sb = sx(a), sx(b)
-        r = a if sb == 0 else (abs(sa) % abs(sb)) * (-1 if sa < 0 else 1)
-    else:
-        raise AssertionError(op)
-    return r & mask
-
-
-def scalar_alu(op: int, a: Scalar, b: Scalar, bits: int, off: int = 0) -> Scalar:
-    mask = U64 if bits == 64 else U32
-    full = UNKNOWN if bits == 64 else UNKNOWN32
-    if bits == 32:
-        a, b = _low32(a), _low32(b)
-    if a.is_const and b.is_const:
-        return const(_eval(op, a.value, b.value, bits, off))
-    if off:  # signed division: bounds not modelled
-        return full
-    if op == isa.BPF_ADD:
-        hi = a.umax + b.umax
-        return urange(a.umin + b.umin, hi) if hi <= mask else full
-    if op == isa.BPF_SUB:
-        lo = a.umin - b.umax
-        return urange(lo, a.umax - b.umin) if lo >= 0 else full
-    if op == isa.BPF_MUL:
-        hi = a.umax * b.umax
-        return urange(a.umin * b.umin, hi) if hi <= mask else full
-    if op == isa.BPF_AND:
-        return urange(0, min(a.umax, b.umax))
-    if op in (isa.BPF_OR, isa.BPF_XOR):
-        hi = (1 << max(a.umax, b.umax).bit_length()) - 1
-        return urange(max(a.umin, b.umin) if op == isa.BPF_OR else 0, hi)
-    if op == isa.BPF_DIV:
-        if b.is_const and b.value:
-            return urange(a.umin // b.value, a.umax // b.value)
-        return urange(0, a.umax)
-    if op == isa.BPF_MOD:
-        if b.is_const and b.value:
-            return urange(0, min(a.umax, b.value - 1))
-        return urange(0, a.umax)
-    if b.is_const and b.value < bits:
-        k = b.value
-        if op == isa.BPF_LSH:
-            hi = a.umax << k
-            return urange(a.umin << k, hi) if hi <= mask else full
-        if op == isa.BPF_RSH:
-            return urange(a.umin >> k, a.umax >> k)
-        if op == isa.BPF_ARSH:
-            if bits == 64:
-                return srange(a.smin >> k, a.smax >> k)
-            lo, hi = _s32_bounds(a)
-            lo, hi = lo >> k, hi >> k
-            return urange(lo, hi) if lo >= 0 else (urange(lo & U32, hi & U32) if hi < 0 else full)
-    return full
-
-
-# -- branch decisions ---------------------------------------------------------------------------------------
-
-_FLIP = {isa.BPF_JEQ: isa.BPF_JEQ, isa.BPF_JNE: isa.BPF_JNE, isa.BPF_JSET: isa.BPF_JSET,
-         isa.BPF_JGT: isa.BPF_JLT, isa.BPF_JLT: isa.BPF_JGT, isa.BPF_JGE: isa.BPF_JLE, isa.BPF_JLE: isa.BPF_JGE,
-         isa.BPF_JSGT: isa.BPF_JSLT, isa.BPF_JSLT: isa.BPF_JSGT, isa.BPF_JSGE: isa.BPF_JSLE,
-         isa.BPF_JSLE: isa.BPF_JSGE}
-_NEGATE = {isa.BPF_JEQ: isa.BPF_JNE, isa.BPF_JNE: isa.BPF_JEQ, isa.BPF_JGT: isa.BPF_JLE,
-           isa.BPF_JLE: isa.BPF_JGT, isa.BPF_JGE: isa.BPF_JLT, isa.BPF_JLT: isa.BPF_JGE,
-           isa.BPF_JSGT: isa.BPF_JSLE, isa.BPF_JSLE: isa.BPF_JSGT, isa.BPF_JSGE: isa.BPF_JSLT,
-           isa.BPF_JSLT: isa.BPF_JSGE}
-_SIGNED = {isa.BPF_JSGT, isa.BPF_JSGE, isa.BPF_JSLT, isa.BPF_JSLE}
-
-
-def _view(a: Scalar, is32: bool) -> tuple[int, int, int, int]:
-    if not is32:
-        return a.umin, a.umax, a.smin, a.smax
-    low = _low32(a)
-    return (low.umin, low.umax, *_s32_bounds(a))
-
-
-def branch_taken(op: int, a: Scalar, b: Scalar, is32: bool) -> int:
-    """1 when `a op b` always holds, 0 when it never does, -1 when both are possible."""
-    aumin, aumax, asmin, asmax = _view(a, is32)
-    bumin, bumax, bsmin, bsmax = _view(b, is32)
-    if op == isa.BPF_JSET:
-        if aumin == aumax and bumin == bumax:
-            return int(bool(aumin & bumin))
-        return -1
-    if op in (isa.BPF_JEQ, isa.BPF_JNE):
-        if aumin == aumax == bumin == bumax:
-            eq = 1
-        elif aumax < bumin or bumax < aumin or asmax < bsmin or bsmax < asmin:
-            eq = 0
-        else:
-            return -1
-        return eq if op == isa.BPF_JEQ else 1 - eq
-    lo_a, hi_a, lo_b, hi_b = (asmin, asmax, bsmin, bsmax) if op in _SIGNED else (aumin, aumax, bumin, bumax)
-    if op in (isa.BPF_JGT, isa.BPF_JSGT):
-        return 1 if lo_a > hi_b else 0 if hi_a <= lo_b else -1
-    if op in (isa.BPF_JGE, isa.BPF_JSGE):
-        return 1 if lo_a >= hi_b else 0 if hi_a < lo_b else -1
-    if op in (isa.BPF_JLT, isa.BPF_JSLT):
-        return 1 if hi_a < lo_b else 0 if lo_a >= hi_b else -1
-    if op in (isa.BPF_JLE, isa.BPF_JSLE):
-        return 1 if hi_a <= lo_b else 0 if lo_a > hi_b else -1
-    return -1
-
-
-def refine(op: int, a: Scalar, k: int, is32: bool) -> Scalar | None:
-    """`a` narrowed by knowing `a op k` holds (k a constant); None when it cannot hold."""
-    if is32:
-        # Only where the 64-bit value equals its low half seen the same way does the narrowing carry over.
-        if op in _SIGNED:
-            if not (a.smin >= -(1 << 31) and a.smax < 1 << 31):
-                return a
-            k = k - (1 << 32) if k & (1 << 31) else k
-        elif a.umax > U32:
-            return a
-    umin, umax, smin, smax = a.umin, a.umax, a.smin, a.smax
-    sk = _signed(k) if not is32 else k
-    if op == isa.BPF_JEQ:
-        return _make(max(umin, k & U64), min(umax, k & U64), max(smin, _signed(k & U64)),
-                     min(smax, _signed(k & U64)))
-    if op == isa.BPF_JNE:
-        k &= U64
-        if umin == k:
-            umin += 1
-        if umax == k:
-            umax -= 1
-        return _make(umin, umax, smin, smax)
-    if op == isa.BPF_JGT:
-        return _make(max(umin, k + 1), umax, smin, smax)
-    if op == isa.BPF_JGE:
-        return _make(max(umin, k), umax, smin, smax)
-    if op == isa.BPF_JLT:
-        return _make(umin, min(umax, k - 1), smin, smax)
-    if op == isa.BPF_JLE:
-        return _make(umin, min(umax, k), smin, smax)
-    if op == isa.BPF_JSGT:
-        return _make(umin, umax, max(smin, sk + 1), smax)
-    if op == isa.BPF_JSGE:
-        return _make(umin, umax, max(smin, sk), smax)
-    if op == isa.BPF_JSLT:
-        return _make(umin, umax, smin, min(smax, sk - 1))
-    if op == isa.BPF_JSLE:
-        return _make(umin, umax, smin, min(smax, sk))
-    return a
 
 
 # -- states -------------------------------------------------------------------------------------------------
@@ -836,7 +564,7 @@ class Verifier(Generic[MapT]):
             if insn.off == 0:
                 if is64:
                     return src
-                return _low32(src) if isinstance(src, Scalar) else UNKNOWN32  # a pointer's low half is a scalar
+                return low32(src) if isinstance(src, Scalar) else UNKNOWN32  # a pointer's low half is a scalar
             if insn.off in (8, 16, 32) and not (insn.off == 32 and not is64):
                 if not isinstance(src, Scalar):
                     raise _unsupported(f"sign-extending move of a pointer at insn {pc}")
@@ -896,7 +624,7 @@ class Verifier(Generic[MapT]):
             raise _unsupported(f"pointer arithmetic with a variable offset at insn {pc}")
         if ptr.kind not in (STACK, MAP_VALUE):
             raise _unsupported(f"arithmetic on a {ptr.kind} pointer at insn {pc}")
-        k = _signed(other.value)
+        k = as_signed(other.value)
         if op == isa.BPF_ADD:
             return replace(ptr, off=ptr.off + k)
         if op == isa.BPF_SUB and isinstance(dst, Ptr):
@@ -1057,7 +785,7 @@ class Verifier(Generic[MapT]):
             if insn.src != 0:
                 raise _unsupported(f"call with src {insn.src} at insn {pc}")
             return [(pc + 1, self.helper(pc, insn.imm, frames))]
-        if op not in _NEGATE and op != isa.BPF_JSET:
+        if op not in NEGATED and op != isa.BPF_JSET:
             raise _unsupported(f"jump opcode {insn.code:#04x} at insn {pc}")
         target = pc + 1 + insn.off
         a = self.read_reg(frames, insn.dst)
@@ -1098,7 +826,7 @@ class Verifier(Generic[MapT]):
 
     def refined(self, frames: tuple[Frame, ...], insn: Insn, op: int, a: Scalar, b: Scalar, is32: bool,
                 taken: bool) -> tuple[Frame, ...] | None:
-        cond = op if taken else _NEGATE.get(op)
+        cond = op if taken else NEGATED.get(op)
         if cond is None:  # JSET: nothing to narrow
             return frames
         updates: dict[int, Value] = {}
@@ -1108,7 +836,7 @@ class Verifier(Generic[MapT]):
                 return None
             updates[insn.dst] = new
         elif a.is_const and insn.code & isa.BPF_X:
-            new = refine(_FLIP[cond], b, a.value, is32)
+            new = refine(FLIPPED[cond], b, a.value, is32)
             if new is None:
                 return None
             updates[insn.src] = new
