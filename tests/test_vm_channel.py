@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,23 @@ def test_qemu_connects_the_named_port_to_the_host_socket(tmp_path):
     assert chardev.startswith("socket,") and f"path={tmp_path / 'agent.sock'}" in chardev
     assert "server" not in chardev  # the host listens; QEMU connects as it starts
     assert f"name={PORT_NAME}" in opts[-1]
+
+
+def test_a_non_blocking_end_waits_for_data_and_sees_the_hangup(pair):
+    """The guest's end is non-blocking: a read waits in poll() for data or the host's end, never spins, never
+    blocks past a hangup; a write to a host that is gone raises instead of waiting for ever."""
+    host, guest, a, b = pair
+    os.set_blocking(b.fileno(), False)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(0.2)
+        host.send({"kind": "probe"})
+        host.send({"stdout": "y" * 300_000})
+        os._exit(0)
+    assert guest.receive() == {"kind": "probe"}
+    assert guest.receive() == {"stdout": "y" * 300_000}
+    os.waitpid(pid, 0)
+    a.shutdown(socket.SHUT_RDWR)
+    assert guest.receive() is None
+    with pytest.raises(BrokenPipeError):
+        guest.send({"answer": "x" * 300_000})

@@ -74,3 +74,31 @@ def test_a_host_that_goes_away_leaves_no_guest(machine):
     assert "the host is gone; powering off" in machine.console_tail()
     machine.close()
     assert "probe" in machine.request({"kind": "probe"})
+
+
+def test_a_host_gone_during_boot_leaves_no_guest(machine, monkeypatch):
+    """The host ends while the guest still boots: the agent's first word finds nobody, and the guest ends
+    rather than wait for ever on its port."""
+    machine.close()
+    consoles: list[str] = []
+
+    def leave_at_once(self, scratch, deadline, start):
+        conn, _ = self._listener.accept()  # QEMU connected; the host goes away before the agent speaks
+        conn.close()
+        self._listener.close()
+        self._listener = None
+        self._proc.wait(timeout=240)  # TimeoutExpired if the guest outlives its host
+        self._copier.join(5)
+        consoles.append(self.console_tail())
+        raise GuestFailure("left", "")
+
+    monkeypatch.setattr(VmMachine, "_wait_ready", leave_at_once)
+    for _ in range(2):  # a boot that panics by itself under TCG (rare, early) proves nothing either way
+        with pytest.raises(GuestFailure, match="left"):
+            machine._boot()
+        if "Kernel panic" not in consoles[-1]:
+            break
+    assert "the host is gone; powering off" in consoles[-1]
+    monkeypatch.undo()
+    machine.close()
+    assert not machine.running

@@ -428,21 +428,31 @@ def serve(directory: Path, online: int | None = None) -> int:
     _preload()
     kmsg = KernelLog()
     guest = _guest_facts()
-    channel = LineChannel(os.open(find_port(), os.O_RDWR))
+    channel = LineChannel(os.open(find_port(), os.O_RDWR | os.O_NONBLOCK))
     files = Path(tempfile.mkdtemp(prefix="percpu-agent-"))  # the guest's tmpfs, not the shared directory
     _say(f"kernel {guest['kernel_release']}, serving on port {PORT_NAME}")
-    channel.send({"guest": guest})
+    try:
+        _answer_all(channel, files, workers, default_jit, kmsg, {"guest": guest})
+    except BrokenPipeError:  # the host closed its socket, however it ended: leave no guest behind
+        _say("the host is gone; powering off")
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return 0
+
+
+def _answer_all(channel: LineChannel, files: Path, workers: dict[bool, JitWorker], default_jit: bool,
+                kmsg: KernelLog, ready: dict[str, Any]) -> None:
+    """Say `ready`, then answer requests until a shutdown; BrokenPipeError when the host is gone."""
+    channel.send(ready)
     seq = 0
     while True:
         req = channel.receive()
-        if req is None:  # the host closed its socket, however it ended: leave no guest behind
-            _say("the host is gone; powering off")
-            return 0
+        if req is None:
+            raise BrokenPipeError("end of file on the agent's port")
         if req.get("kind") == "shutdown":
-            for worker in workers.values():
-                worker.close()
             channel.send({"ok": True})
-            return 0
+            return
         start = time.monotonic()
         kmsg.drain()
         jit = default_jit if req.get("jit") is None else bool(req["jit"])

@@ -3,8 +3,9 @@ over a virtio-serial port that QEMU connects to a Unix socket the host listens o
 
 Files a request needs (objects, the host's reading of them) travel inside it, base64-encoded, and the agent
 writes them into the guest's own tmpfs: a file read over 9p costs about 9 ms under TCG and a written one 16 ms,
-against well under 1 ms a kilobyte over the port. The port also tells the guest when the host is gone: a read
-returns end of file once the socket closes, however the host ended.
+against well under 1 ms a kilobyte over the port. The port also tells the guest when the host is gone, however
+the host ended: once the socket closes, a read returns end of file and poll() reports a hangup. A blocking
+write would wait for a host that never comes back, so the guest opens its port non-blocking.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +42,39 @@ def find_port(ports: Path = _PORTS, dev: Path = Path("/dev")) -> Path:
 
 
 class LineChannel:
-    """JSON documents, one per line, over a file descriptor (the guest's port, the host's socket)."""
+    """JSON documents, one per line, over a file descriptor (the guest's port, the host's socket), blocking or
+    not: on a non-blocking one, a wait is a poll() that a hangup ends."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._buffer = b""
 
+    def _wait(self, event: int) -> int:
+        poller = select.poll()
+        poller.register(self.fd, event | select.POLLHUP)
+        return poller.poll()[0][1]
+
     def send(self, doc: Any) -> None:  # noqa: ANN401 - any JSON document
+        """Write one document; BrokenPipeError when the other side is gone."""
         data = (json.dumps(doc) + "\n").encode()
         while data:  # a port or socket may take part of a large answer at a time
-            data = data[os.write(self.fd, data):]
+            try:
+                data = data[os.write(self.fd, data):]
+            except BlockingIOError:
+                if not self._wait(select.POLLOUT) & select.POLLOUT:
+                    raise BrokenPipeError("the other side of the channel is gone") from None
 
     def has_line(self) -> bool:
         return b"\n" in self._buffer
 
     def feed(self) -> bool:
-        """Read what is there (blocking until something is); False at end of file."""
-        chunk = os.read(self.fd, 1 << 16)
+        """Read what is there (waiting until something is); False at end of file."""
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+                break
+            except BlockingIOError:
+                self._wait(select.POLLIN)  # data, or a hangup, after which the read returns end of file
         self._buffer += chunk
         return bool(chunk)
 

@@ -84,10 +84,19 @@ class VmMachine:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> dict[str, Any]:
-        """Boot and wait for the agent's probe; VmError with the console tail when the guest never gets there."""
+        """Boot and wait for the agent's probe; VmError with the console tail when the guest never gets there.
+        A boot that fails (under TCG a distribution kernel rarely panics in early boot) is tried once more, and
+        kept in `boot_failures`."""
         if self.running:
             assert self.guest is not None
             return self.guest
+        try:
+            return self._boot()
+        except GuestFailure as e:
+            self.boot_failures.append(f"{e}\n{e.console_tail}")
+            return self._boot()
+
+    def _boot(self) -> dict[str, Any]:
         self._cleanup()
         scratch = Path(tempfile.mkdtemp(prefix="percpu-vm-"))
         self._scratch, self._console, self._seq = scratch, scratch / "console.log", 0
@@ -219,11 +228,7 @@ class VmMachine:
         there. Returns the agent's answer:
         {"observation"|"probe"|"error": ..., "kernel_log": [...], "seconds": s}."""
         if not self.running:
-            try:
-                self.start()
-            except GuestFailure as e:  # a boot that panicked (seen once under TCG) is tried once more
-                self.boot_failures.append(str(e))
-                self.start()
+            self.start()
         files = {key: [pack_file(p) for p in value] if isinstance(value, list | tuple) else pack_file(value)
                  for key, value in (objects or {}).items()}
         return self._send({**req, "files": files} if files else req, timeout)
