@@ -243,6 +243,7 @@ def _redeliver_swallowed_interrupts() -> None:
 
     def hook(unraisable: sys.UnraisableHookArgs) -> None:
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _SWALLOWED.append(True)  # and pytest_runtest_logfinish stops the run, should this one be lost too
             # a little later, from another thread: raised here, inside the hook, it would be dropped again
             again = threading.Timer(0.01, _thread.interrupt_main)
             again.daemon = True
@@ -251,6 +252,18 @@ def _redeliver_swallowed_interrupts() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
+
+
+_SWALLOWED: list[bool] = []  # interrupts CPython dropped, delivered again
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """The redelivered interrupt can land where the code under test turns it into something else (Hypothesis,
+    interrupted before its runner exists, fails the test with an internal assertion): the run still stops,
+    as interrupted, once that test is over."""
+    if _SWALLOWED:
+        raise KeyboardInterrupt("an interrupt dropped in a garbage-collector callback or a finaliser")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -337,3 +337,35 @@ def test_reports_that_cannot_be_written_whole_are_not_written_at_all(tmp_path, m
     problem = conftest._write_reports(["sim"], [("test_x.py::test_p", ["pass"])], ["| x |"], {})
     assert problem == f"reports: cannot write {reports}: No space left on device"
     assert {p.name: p.read_text() for p in reports.iterdir()} == before
+
+
+# The redelivered interrupt lost as well: code under test that catches it (Hypothesis, interrupted before its
+# runner exists, turns it into an internal AssertionError) must not let the run go on to pass or fail as usual.
+_SWALLOWING_TWICE_PLUGIN = """
+import sys
+import time
+
+
+def pytest_runtest_call(item):
+    if hasattr(sys, "_swallowed_twice"):
+        return
+    sys._swallowed_twice = True
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        sys.unraisablehook(type("U", (), {"exc_type": KeyboardInterrupt, "exc_value": e, "exc_traceback": None,
+                                          "err_msg": None, "object": None})())
+    try:
+        time.sleep(1)  # the redelivery lands here, and is eaten
+    except KeyboardInterrupt:
+        pass
+"""
+
+
+def test_an_interrupt_lost_twice_still_stops_the_run(tmp_path):
+    (tmp_path / "interrupt_twice.py").write_text(_SWALLOWING_TWICE_PLUGIN)
+    env = {**ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "PERCPU_REPORTS": str(tmp_path / "reports")}
+    proc = run("-m", "pytest", "suites/test_compiler_layout.py", "-q", "-p", "interrupt_twice", "--backend", "sim",
+               "--hypothesis-profile=ci", env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "KeyboardInterrupt" in proc.stdout
