@@ -201,22 +201,10 @@ class VmBackend:
         return dict(answer["probe"])
 
     def _ask(self, req: dict[str, Any], objects: Mapping[str, Any], what: Compiled | None) -> Result:
-        from backends.vm.machine import GuestFailure
-
         paths = objects.get("objects") or ([objects["object"]] if "object" in objects else [])
         if paths:  # hand the host's reading of each object over: parsing under emulation costs most
             objects = {**objects, "facts": [_facts_pickle(p) for p in paths]}
-        try:
-            answer = self.machine.request(req, objects=objects)
-        except GuestFailure as e:
-            raise self._guest_failed(str(e), e.console_tail, what) from None
-        if answer.get("kernel_log"):
-            raise self._guest_failed("the kernel complained: " + " | ".join(answer["kernel_log"][:5]),
-                                     "\n".join(answer["kernel_log"]), what)
-        if "error" in answer:
-            raise RuntimeError(f"{self.name}: the guest could not observe: {answer['error']['type']}: "
-                               f"{answer['error']['message']}")
-        doc: Result = answer["observation"]
+        doc: Result = self._answered(req, what, objects=objects)["observation"]
         for part in [doc, *doc.get("objects", ())]:
             part["source"] = "vm"
             part["env"].update({k: v for k, v in self.env.items() if k not in part["env"] or k == "features"})
